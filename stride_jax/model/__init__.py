@@ -1,0 +1,8 @@
+"""Decoder-only LMs in Flax NNX (Llama, Qwen2, GPT-2 families), HF loading/export, activation sites."""
+
+from stride_jax.model.config import ModelConfig, RopeScaling, tiny_llama
+from stride_jax.model.transformer import (CausalLM, Context, ForwardOutput, abstract_model,
+                                          init_model, site_names)
+
+__all__ = ["ModelConfig", "RopeScaling", "tiny_llama", "CausalLM", "Context", "ForwardOutput",
+           "abstract_model", "init_model", "site_names"]
