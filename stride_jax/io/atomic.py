@@ -1,0 +1,102 @@
+"""Atomic file writes.
+
+Every artifact the pipeline produces (configs, scores, checkpoints) is written to a temporary
+file in the destination directory, flushed and fsync'ed, then moved onto the final name with
+``os.replace``. A reader therefore sees either the old complete file or the new complete file,
+never a torn one, even if the writer is killed midway. The temporary file lives in the same
+directory because ``os.replace`` is only atomic within one filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_npy",
+    "save_npy",
+]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported everywhere (e.g. Windows), hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    The caller writes the complete file to the yielded path (by any means, e.g. a library that
+    only accepts file names). When the ``with`` block exits normally, the temporary file is
+    fsync'ed and ``os.replace``d onto ``path``. If the block raises, the temporary file is
+    removed and ``path`` is left untouched. Parent directories are created as needed.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"atomic_path: nothing was written to the temporary file {tmp}")
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically, encoded with ``encoding`` (UTF-8 by default)."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Save ``array`` as a ``.npy`` file atomically. Object arrays are refused (no pickles)."""
+    arr = np.asarray(array)
+    if arr.dtype.hasobject:
+        raise ValueError(f"save_npy: refusing to save an object array to {path} (it would need pickle)")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+
+
+def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """Load a ``.npy`` file written by :func:`save_npy` (``allow_pickle=False``)."""
+    return np.load(path, allow_pickle=False)
