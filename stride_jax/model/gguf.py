@@ -161,6 +161,12 @@ _LLAMA_KEYS = frozenset({
 })
 
 
+def _f32(x) -> float:
+    # GGUF stores these as float32; the shortest decimal that round-trips (1e-05, not
+    # 9.999999747378752e-06) is what the original config said and what config.json should show.
+    return float(str(np.float32(x)))
+
+
 def _token_id(reader, key: str) -> int | None:
     v = _field(reader, key, None)
     return None if v is None else int(v)
@@ -211,7 +217,7 @@ def config_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "floa
     if scaling_type == "none":
         rope_scaling = RopeScaling()
     elif scaling_type == "linear":
-        rope_scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
+        rope_scaling = RopeScaling(kind="linear", factor=_f32(get("rope.scaling.factor")))
     else:
         raise GGUFError(f"llama.rope.scaling.type={scaling_type!r} is not supported "
                         f"(stride-jax reads 'none' and 'linear' from GGUF)")
@@ -234,8 +240,8 @@ def config_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "floa
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         intermediate_size=int(get("feed_forward_length")),
         max_position_embeddings=int(get("context_length", 2048)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(get("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
         tie_word_embeddings="output.weight" not in tensor_names,
         qkv_bias=False, out_bias=False, mlp_bias=False, activation="silu",
         dtype=dtype, param_dtype=param_dtype,
@@ -465,7 +471,7 @@ def from_gguf(path: str | os.PathLike | None = None, *, dtype: str = "float32",
 
 
 def export_gguf_to_hf(path: str | os.PathLike | None, out_dir: str | os.PathLike) -> Path:
-    """Write a GGUF (``None``: SmolLM2) as an HF directory that ``from_hf`` and transformers load.
+    """Write a GGUF (``None``: SmolLM2; or an open reader) as an HF directory for ``from_hf``.
 
     The directory holds ``config.json``, float32 ``model.safetensors`` (the dequantised weights,
     q/k in HF layout), ``tokenizer.json`` and a ``tokenizer_config.json`` naming the GGUF's own
@@ -474,7 +480,7 @@ def export_gguf_to_hf(path: str | os.PathLike | None, out_dir: str | os.PathLike
     from stride_jax.io.atomic import atomic_write_text
     from stride_jax.model.hf import to_hf
 
-    reader = open_gguf(path)
+    reader = _as_reader(path)
     model, tok = from_gguf(reader)
     out_dir = to_hf(model, out_dir, tokenizer=tok)
     # save_tokenizer writes GPT-2-style special-token roles; this model has its own.
