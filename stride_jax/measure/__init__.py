@@ -1,0 +1,110 @@
+"""Measurement: the response of every query to every subset's operator.
+
+.. math::  y[q, k] = \\mathcal{L}_{\\text{base}}(q) - \\mathcal{L}_k(q)
+           = \\frac{1}{|T_q|} \\sum_{t \\in T_q} \\big(\\log p_k(x_{t+1}) - \\log p(x_{t+1})\\big)
+
+the query's mean per-token loss change over its scored tokens ``T_q`` (completion tokens only when
+the query has a prompt). Positive: subset k's operator lowers the query's loss. The base model
+runs once per query batch; the K operators are then applied to the cached activations in chunks
+of subsets. For the ``logits`` and ``final_hidden`` sites the per-token change is computed in the
+closed form of :func:`stride_jax.steering.delta_logprob_and_kl`, exact for tiny responses. Every
+query's row is computed independently, so results do not depend on the query batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stride_jax.config import option
+from stride_jax.data import TokenizedSet
+from stride_jax.steering import LMFunctions, basis_features
+from stride_jax.train import Rows, check_rows_fit, responses
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureConfig:
+    """Batching of the measurement (does not change the result)."""
+
+    query_batch: int = option(16, "queries per base-model forward pass")
+    subset_chunk: int = option(64, "operators applied at once")
+
+
+class Responses(NamedTuple):
+    y_qk: np.ndarray          # [Q, K] float32
+    base_loss_q: np.ndarray   # [Q] mean per-token loss of the base model
+
+
+def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Array,
+                      queries: TokenizedSet, cfg: MeasureConfig = MeasureConfig(), *,
+                      progress: bool = False) -> Responses:
+    """``y[q, k]`` for every query and subset (see the module docstring)."""
+    check_rows_fit(lm, queries, "query")
+    counts = queries.loss_mask.sum(1)
+    if len(queries) == 0:
+        raise ValueError("no queries to measure")
+    if (counts == 0).any():
+        bad = queries.ids[int(np.flatnonzero(counts == 0)[0])]
+        raise ValueError(f"query {bad!r} has no scored token (empty completion?); give it a "
+                         f"non-empty text/completion")
+    if cfg.query_batch < 1 or cfg.subset_chunk < 1:
+        raise ValueError("measure.query_batch and measure.subset_chunk must be >= 1")
+    K = coef_krc.shape[0]
+    Q, T = queries.input_ids.shape
+    S = min(cfg.subset_chunk, K)
+    n_chunks = -(-K // S)
+    coef_pad = jnp.concatenate([coef_krc, jnp.zeros((n_chunks * S - K,) + coef_krc.shape[1:],
+                                                    coef_krc.dtype)])
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (cfg.query_batch, T))
+
+    @jax.jit
+    def base(ids, mask, loss_mask):
+        reader, final = lm.features(lm.params, ids, mask)
+        rows = Rows(reader, final,
+                    jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1), loss_mask, pos, ids, mask)
+        logp = jax.nn.log_softmax(lm.head(lm.params, final).astype(jnp.float32), axis=-1)
+        tgt = jnp.take_along_axis(logp, rows.target[..., None], axis=-1)[..., 0]
+        base_loss = -jnp.sum(tgt * loss_mask, 1) / jnp.maximum(loss_mask.sum(1), 1.0)
+        return rows, logp, base_loss
+
+    @jax.jit
+    def chunk_response(rows: Rows, logp, coef_src):
+        w = rows.valid
+        feats = basis_features(basis, rows.reader)
+
+        def one(coef_rc):
+            dlogp, _ = responses(lm, site, basis, coef_rc, rows, logp, feats)
+            return jnp.sum(dlogp * w, 1) / jnp.maximum(w.sum(1), 1.0)
+
+        return jax.vmap(one, out_axes=1)(coef_src)   # [B, S]
+
+    y = np.zeros((Q, K), np.float32)
+    base_loss = np.zeros((Q,), np.float32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=-(-Q // cfg.query_batch) * n_chunks, desc="measure", unit="chunk",
+                   dynamic_ncols=True)
+    for start in range(0, Q, cfg.query_batch):
+        stop = min(start + cfg.query_batch, Q)
+        idx = np.arange(start, start + cfg.query_batch) % Q   # fixed shape: wrap the last batch
+        rows, logp, bl = base(jnp.asarray(queries.input_ids[idx]),
+                              jnp.asarray(queries.attention_mask[idx]),
+                              jnp.asarray(queries.loss_mask[idx], jnp.float32))
+        base_loss[start:stop] = np.asarray(bl)[: stop - start]
+        for c in range(n_chunks):
+            out = chunk_response(rows, logp, coef_pad[c * S:(c + 1) * S])
+            lo, hi = c * S, min((c + 1) * S, K)
+            y[start:stop, lo:hi] = np.asarray(out)[: stop - start, : hi - lo]
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return Responses(y, base_loss)
+
+
+__all__ = ["MeasureConfig", "Responses", "measure_responses"]

@@ -1,0 +1,132 @@
+"""Steering operators: a shared basis network and per-subset coefficient matrices.
+
+Operator ``k`` shifts the frozen model at its *site* by
+
+.. math::  \\Delta_k(h_t) = B_\\psi(\\bar h_t)\\, a_k, \\qquad B_\\psi: \\mathbb{R}^{D} \\to \\mathbb{R}^{r},
+           \\quad a_k \\in \\mathbb{R}^{r \\times C},
+
+where :math:`h_t` is the activation at the *reader* layer ``l`` (the residual stream after block
+``l``) and :math:`\\bar h_t = h_t / \\mathrm{rms}(h_t)` (a parameter-free RMS norm: the residual
+stream's scale grows with depth and differs per token, which would otherwise make one learning
+rate fit badly across tokens). Sites:
+
+* ``logits`` (C = V): added to the output logits;
+* ``final_hidden`` (C = d): added to the final hidden state before the unembedding, so the logit
+  shift is :math:`U \\Delta_k`;
+* ``residual`` (C = d): added to the residual stream after block ``l`` and carried through the
+  frozen upper layers.
+
+For ``logits`` and ``final_hidden`` the shift of the logits is linear in :math:`a_k`, so the
+change of a token's log-probability has a closed form that is exact and stable for tiny shifts
+(see :func:`delta_logprob_and_kl`). Steering parameters are a pytree separate from the model:
+``{"basis": {...}, "coef": [K, r, C]}``; vmapping over ``coef`` broadcasts the basis and the base
+model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from stride_jax.config import option
+
+Site = Literal["logits", "final_hidden", "residual"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringConfig:
+    """Operator family: where it reads, where it writes, its rank and basis network."""
+
+    site: Site = option("logits", "where the shift is added: logits (C=vocab), final_hidden "
+                                  "(C=d, before the unembedding) or residual (C=d, at the reader "
+                                  "layer, carried through the upper layers)")
+    layer: int | None = option(None, "reader layer l (residual stream after block l); null: "
+                                     "round(2/3 * num_layers) - 1, the paper's ~2/3 depth")
+    rank: int = option(16, "rank r of the basis (paper: 16)")
+    basis: Literal["linear", "mlp"] = option("linear", "basis network: linear (the prototype's "
+                                                       "best) or a one-hidden-layer MLP")
+    mlp_hidden: int = option(64, "hidden width of the MLP basis")
+
+
+def default_layer(num_layers: int) -> int:
+    """About two thirds of the depth (the paper's choice), as a 0-based block index."""
+    return max(0, min(num_layers - 1, round(2 * num_layers / 3) - 1))
+
+
+def resolve_layer(cfg: SteeringConfig, num_layers: int) -> int:
+    layer = default_layer(num_layers) if cfg.layer is None else cfg.layer
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"steering.layer={cfg.layer} is out of range: the model has {num_layers} "
+                         f"blocks, so use 0 .. {num_layers - 1} (or null for ~2/3 depth)")
+    return layer
+
+
+def validate(cfg: SteeringConfig) -> None:
+    if cfg.rank < 1:
+        raise ValueError(f"steering.rank={cfg.rank} must be >= 1 (paper: 16)")
+    if cfg.basis == "mlp" and cfg.mlp_hidden < 1:
+        raise ValueError(f"steering.mlp_hidden={cfg.mlp_hidden} must be >= 1")
+
+
+def init_steering(cfg: SteeringConfig, *, d_reader: int, d_out: int, num_subsets: int,
+                  key: jax.Array) -> dict:
+    """Basis with variance-preserving random weights; coefficients zero (= the base model)."""
+    validate(cfg)
+    if num_subsets < 1:
+        raise ValueError("num_subsets must be >= 1")
+    k1, k2 = jax.random.split(key)
+    if cfg.basis == "linear":
+        basis = {"w": jax.random.normal(k1, (d_reader, cfg.rank)) / jnp.sqrt(d_reader)}
+    else:
+        basis = {"w1": jax.random.normal(k1, (d_reader, cfg.mlp_hidden)) / jnp.sqrt(d_reader),
+                 "b1": jnp.zeros((cfg.mlp_hidden,)),
+                 "w2": jax.random.normal(k2, (cfg.mlp_hidden, cfg.rank)) / jnp.sqrt(cfg.mlp_hidden)}
+    return {"basis": basis, "coef": jnp.zeros((num_subsets, cfg.rank, d_out), jnp.float32)}
+
+
+def basis_features(basis: dict, h_btd: jax.Array) -> jax.Array:
+    """B_psi(rmsnorm(h)): ``[..., r]`` in float32."""
+    h = h_btd.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-6)
+    if "w" in basis:
+        return h @ basis["w"]
+    return jax.nn.gelu(h @ basis["w1"] + basis["b1"]) @ basis["w2"]
+
+
+def shift(feats_btr: jax.Array, coef_rc: jax.Array) -> jax.Array:
+    """Delta = features @ a_k, ``[..., C]``."""
+    return feats_btr @ coef_rc
+
+
+def delta_logprob_and_kl(base_logp_btv: jax.Array, delta_btv: jax.Array,
+                         targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""Exact change of the target log-probability and KL(base || steered) for a logit shift.
+
+    With base distribution :math:`p` and steered logits :math:`z + \delta`:
+
+    .. math::
+        \log p'_y - \log p_y = \delta_y - \log \textstyle\sum_v p_v e^{\delta_v}
+                             = \delta_y - \mathrm{log1p}\big(\sum_v p_v\, \mathrm{expm1}(\delta_v)\big)
+
+        \mathrm{KL}(p \,\|\, p') = \mathrm{log1p}\big(\textstyle\sum_v p_v\, \mathrm{expm1}(\delta_v)\big)
+                                   - \sum_v p_v \delta_v
+
+    ``log1p``/``expm1`` keep both exact when :math:`\delta` is tiny (responses of 1e-4 are common),
+    where a difference of two log-softmaxes would lose most digits in float32.
+    Returns ``(dlogp [b, t], kl [b, t])`` in float32.
+    """
+    logp = base_logp_btv.astype(jnp.float32)
+    p = jnp.exp(logp)
+    delta = delta_btv.astype(jnp.float32)
+    small = jnp.max(jnp.abs(delta), axis=-1) < 1.0
+    # Small shifts: the log1p/expm1 form (exact digits). Large shifts: a plain logsumexp, which is
+    # accurate there. The clip keeps the unused branch finite so gradients stay NaN-free.
+    lse_small = jnp.log1p(jnp.sum(p * jnp.expm1(jnp.minimum(delta, 1.0)), axis=-1))
+    lse_large = jax.nn.logsumexp(logp + delta, axis=-1)
+    lse = jnp.where(small, lse_small, lse_large)
+    dy = jnp.take_along_axis(delta, targets_bt[..., None], axis=-1)[..., 0]
+    kl = lse - jnp.sum(p * delta, axis=-1)
+    return dy - lse, kl

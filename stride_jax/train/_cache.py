@@ -1,0 +1,118 @@
+"""The frozen model's activations on the training set, computed once and reused.
+
+Operator training never updates the base model, so the reader-layer activations and the final
+hidden states of every training row are computed in one pass (:func:`build_cache`) and training
+touches only the small operator network. The cache lives in memory when it fits, or in ``.npy``
+files read through memory maps (``directory=...``), written chunk by chunk so a killed build
+resumes from the last finished chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stride_jax.data import TokenizedSet
+from stride_jax.steering import LMFunctions
+
+
+class ActivationCache(NamedTuple):
+    """``reader [n, T, D]`` (reader layer) and ``final [n, T, d]`` (final hidden), float32."""
+
+    reader: np.ndarray
+    final: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.reader.shape[0])
+
+    def nbytes(self) -> int:
+        return int(self.reader.nbytes + self.final.nbytes)
+
+
+def _feature_fn(lm: LMFunctions):
+    @jax.jit
+    def run(params, ids, mask):
+        h_reader, h_final = lm.features(params, ids, mask)
+        return h_reader.astype(jnp.float32), h_final.astype(jnp.float32)
+    return run
+
+
+def check_rows_fit(lm: LMFunctions, data: TokenizedSet, what: str) -> None:
+    if data.seq_len > lm.max_len:
+        raise ValueError(f"{what} rows have {data.seq_len} tokens but the model's context is "
+                         f"{lm.max_len}; re-tokenize with seq_len <= {lm.max_len}")
+    if len(data) and int(data.input_ids.max()) >= lm.vocab_size:
+        raise ValueError(f"{what} token ids reach {int(data.input_ids.max())} but the model's "
+                         f"vocabulary has {lm.vocab_size} entries: the tokenizer does not match the "
+                         f"model; use the tokenizer saved with the model")
+
+
+def build_cache(lm: LMFunctions, data: TokenizedSet, *, batch_size: int = 64,
+                directory: str | os.PathLike | None = None, progress: bool = False) -> ActivationCache:
+    """Run the frozen model over ``data`` once; keep reader and final activations.
+
+    Batches are padded to a fixed shape so the feature function compiles once.
+    """
+    check_rows_fit(lm, data, "training")
+    n, t = data.input_ids.shape
+    run = _feature_fn(lm)
+    shapes = {"reader": (n, t, lm.d_reader), "final": (n, t, lm.d_final)}
+    if directory is None:
+        arrays = {k: np.empty(s, np.float32) for k, s in shapes.items()}
+        done = 0
+    else:
+        arrays, done = _open_disk_cache(Path(directory), shapes, lm.fingerprint)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, initial=done, desc="cache activations", unit="row", dynamic_ncols=True)
+    for start in range(done, n, batch_size):
+        stop = min(start + batch_size, n)
+        idx = np.arange(start, start + batch_size) % n  # pad the last batch by wrapping
+        hr, hf = run(lm.params, jnp.asarray(data.input_ids[idx]),
+                     jnp.asarray(data.attention_mask[idx]))
+        arrays["reader"][start:stop] = np.asarray(hr)[: stop - start]
+        arrays["final"][start:stop] = np.asarray(hf)[: stop - start]
+        if directory is not None:
+            _mark_progress(Path(directory), stop, lm.fingerprint, arrays)
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
+    return ActivationCache(arrays["reader"], arrays["final"])
+
+
+def _open_disk_cache(directory: Path, shapes, fingerprint: str):
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / "cache.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    fresh = meta is None or meta.get("fingerprint") != fingerprint or \
+        {k: list(v) for k, v in shapes.items()} != meta.get("shapes")
+    arrays = {}
+    for name, shape in shapes.items():
+        path = directory / f"{name}.npy"
+        if fresh or not path.is_file():
+            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        else:
+            arrays[name] = np.load(path, mmap_mode="r+")
+    done = 0 if fresh else int(meta.get("rows_done", 0))
+    if fresh:
+        _mark_progress(directory, 0, fingerprint, arrays)
+    return arrays, done
+
+
+def _mark_progress(directory: Path, rows_done: int, fingerprint: str, arrays) -> None:
+    from stride_jax.io.atomic import atomic_write_text
+    for a in arrays.values():
+        if isinstance(a, np.memmap):
+            a.flush()
+    atomic_write_text(directory / "cache.json", json.dumps(
+        {"fingerprint": fingerprint, "rows_done": rows_done,
+         "shapes": {k: list(v.shape) for k, v in arrays.items()}}))

@@ -1,0 +1,439 @@
+"""Joint training of the steering operators with the base model frozen.
+
+Objective (averaged over the subsets ``k`` of a step's chunk):
+
+.. math::
+    \\mathcal{L} = \\frac{1}{|S|}\\sum_{k \\in S} \\Big[ w_f\\, \\underbrace{\\mathbb{E}_{i \\in k,\\,t}
+        \\big(-\\Delta_k \\log p(x_{i,t+1})\\big)}_{\\text{fidelity}}
+      + w_s\\, \\underbrace{\\mathbb{E}_{j \\notin k,\\,t}\\, \\mathrm{KL}(p \\,\\|\\, p_k)}_{\\text{stability}}
+      \\Big] + w_l\\, \\mathcal{L}_{\\text{lin}}
+
+* fidelity: the steered model's cross-entropy on the subset's own rows, written as the change
+  from the base cross-entropy (a constant), so its value reads directly as "nats gained";
+* stability: KL(base || steered) on rows outside the subset, which stops an operator from learning
+  a global, subset-independent shift (the prototype's LDS fell from .44 to .03 without it);
+* linearity: on a fixed probe batch, the chunk's responses ``y[p, k]`` should be explained by an
+  additive model over examples; with the design sketched by a random projection ``Ms = (M R)[S]``
+  the penalty is the normalised ridge residual ``||(I - P) y_p||^2 / ||y_p - mean||^2``,
+  ``P = Ms (Ms^T Ms + gamma I)^-1 Ms^T``. Off by default (neutral or harmful in the prototype).
+
+Each step visits a chunk of subsets; an *epoch* visits every subset once (a permutation of the K
+subsets per epoch, ``fold_in(key, epoch)``). Per step and subset, ``rows_per_subset`` member rows
+are drawn with ``fold_in(fold_in(key, step), subset_id)``, so samples do not depend on the chunk
+size or the device count. The basis is updated by Adam every step; each subset's coefficients by
+a per-subset ("lazy") Adam only when the subset is visited, so an operator's trajectory depends
+only on its own visits. Scored positions are subsampled (``tokens_per_row``) because the cost is
+dominated by the vocabulary-sized softmax at every (subset, row, position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stride_jax.config import option
+from stride_jax.data import TokenizedSet
+from stride_jax.steering import (LMFunctions, SteeringConfig, basis_features,
+                                 delta_logprob_and_kl, init_steering, logit_shift, shift)
+from stride_jax.train._cache import ActivationCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorTrainConfig:
+    """How the operators are trained (see the module docstring for the objective)."""
+
+    epochs: int = option(20, "visits per subset")
+    subsets_per_step: int = option(64, "subsets whose operators are updated per step")
+    rows_per_subset: int = option(8, "member rows drawn per subset per step (fidelity)")
+    stability_rows: int = option(32, "rows drawn per step for the stability loss, shared by the "
+                                     "step's subsets (a subset's own members are masked out)")
+    tokens_per_row: int = option(16, "scored positions sampled per row (0: all positions)")
+    learning_rate: float = option(1e-2, "Adam learning rate of the per-subset coefficients")
+    basis_learning_rate: float = option(1e-3, "Adam learning rate of the shared basis")
+    b1: float = option(0.9, "Adam beta1")
+    b2: float = option(0.99, "Adam beta2")
+    eps: float = option(1e-8, "Adam epsilon")
+    weight_fidelity: float = option(1.0, "weight of the fidelity loss")
+    weight_stability: float = option(1.0, "weight of the stability loss (essential)")
+    weight_linearity: float = option(0.0, "weight of the linearity loss (0: off)")
+    linearity_probe_rows: int = option(16, "probe rows of the linearity loss")
+    linearity_sketch_dim: int = option(64, "random-projection dimension q of the design sketch")
+    linearity_ridge: float = option(1e-2, "ridge gamma of the linearity projection")
+    checkpoint_every: int = option(100, "steps between operator checkpoints (0: only at the end)")
+    log_every: int = option(10, "steps between logged loss values")
+
+
+class OperatorState(NamedTuple):
+    """Everything training updates; a plain pytree (checkpointed by orbax)."""
+
+    basis: dict
+    coef: jax.Array          # [K, r, C]
+    basis_opt: Any
+    coef_m: jax.Array        # Adam first moment, [K, r, C]
+    coef_v: jax.Array        # Adam second moment, [K, r, C]
+    coef_count: jax.Array    # Adam step count per subset, [K]
+    step: jax.Array          # scalar int32
+
+
+class NonFiniteOperatorLossError(FloatingPointError):
+    """An operator's training loss became NaN or inf."""
+
+
+def validate(cfg: OperatorTrainConfig) -> None:
+    problems = []
+    for name in ("epochs", "subsets_per_step", "rows_per_subset", "stability_rows"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"train.{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.tokens_per_row < 0:
+        problems.append(f"train.tokens_per_row={cfg.tokens_per_row} must be >= 0")
+    for name in ("weight_fidelity", "weight_stability", "weight_linearity"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"train.{name} must be >= 0")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules and sampling
+# ----------------------------------------------------------------------------------------------
+
+def subset_schedule(num_subsets: int, chunk: int, epochs: int, *, key: jax.Array) -> np.ndarray:
+    """``[steps, chunk]`` subset ids; each epoch is a permutation of all subsets.
+
+    The last chunk of an epoch is topped up from the start of the same permutation, so no chunk
+    repeats a subset (the per-subset optimiser update is a scatter).
+    """
+    chunk = min(chunk, num_subsets)
+    per_epoch = math.ceil(num_subsets / chunk)
+    out = []
+    for e in range(epochs):
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, e), num_subsets))
+        padded = np.concatenate([perm, perm[: per_epoch * chunk - num_subsets]])
+        out.append(padded.reshape(per_epoch, chunk))
+    return np.concatenate(out).astype(np.int32)
+
+
+def padded_members(design) -> tuple[np.ndarray, np.ndarray]:
+    """``members [K, max_size]`` (padded with -1) and ``sizes [K]`` of a design."""
+    sizes = np.diff(design.indptr).astype(np.int32)
+    if (sizes == 0).any():
+        k = int(np.flatnonzero(sizes == 0)[0])
+        raise ValueError(f"subset {k} of the design is empty; lower K or raise d")
+    members = np.full((design.num_subsets, int(sizes.max())), -1, np.int32)
+    for k in range(design.num_subsets):
+        m = design.cols[design.indptr[k]:design.indptr[k + 1]]
+        members[k, : len(m)] = m
+    return members, sizes
+
+
+def _sample_positions(key, loss_mask_rt: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """``count`` distinct scored positions per row (fewer valid ones when a row has fewer)."""
+    noise = jax.random.uniform(key, loss_mask_rt.shape)
+    noise = jnp.where(loss_mask_rt > 0, noise, -1.0)
+    vals, pos = jax.lax.top_k(noise, count)
+    return pos.astype(jnp.int32), (vals >= 0).astype(jnp.float32)
+
+
+class Indices(NamedTuple):
+    fid_rows: jax.Array      # [S, b]
+    fid_pos: jax.Array       # [S, b, T']
+    fid_valid: jax.Array     # [S, b, T']
+    stab_rows: jax.Array     # [Bs]
+    stab_pos: jax.Array      # [Bs, T']
+    stab_valid: jax.Array    # [Bs, T']
+    stab_member: jax.Array   # [S, Bs]: row j is a member of subset s (masked out of stability)
+
+
+def make_sampler(members: np.ndarray, sizes: np.ndarray, loss_mask: np.ndarray,
+                 cfg: OperatorTrainConfig, *, key: jax.Array):
+    """A jitted ``(step, chunk_ids) -> Indices``; per-subset draws use ``fold_in(step_key, k)``."""
+    members_d, sizes_d = jnp.asarray(members), jnp.asarray(sizes)
+    mask_d = jnp.asarray(loss_mask)
+    n, seq = loss_mask.shape
+    tokens = seq if cfg.tokens_per_row <= 0 else min(cfg.tokens_per_row, seq)
+    b, bs = cfg.rows_per_subset, cfg.stability_rows
+
+    key_fid, key_stab = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+
+    @jax.jit
+    def sample(step, chunk_ids):
+        step_key = jax.random.fold_in(key_fid, step)
+
+        def one(k):
+            kk = jax.random.fold_in(step_key, k)
+            slots = jax.random.randint(jax.random.fold_in(kk, 0), (b,), 0, sizes_d[k])
+            rows = members_d[k, slots]
+            pos, valid = _sample_positions(jax.random.fold_in(kk, 1), mask_d[rows], tokens)
+            return rows, pos, valid
+
+        fid_rows, fid_pos, fid_valid = jax.vmap(one)(chunk_ids)
+        # Stability rows depend on the step only (one draw, shared by the chunk).
+        sk = jax.random.fold_in(key_stab, step)
+        stab_rows = jax.random.randint(jax.random.fold_in(sk, 0), (bs,), 0, n)
+        stab_pos, stab_valid = _sample_positions(jax.random.fold_in(sk, 1), mask_d[stab_rows], tokens)
+        stab_member = jnp.any(members_d[chunk_ids][:, :, None] == stab_rows[None, None, :], axis=1)
+        return Indices(fid_rows, fid_pos, fid_valid, stab_rows, stab_pos, stab_valid,
+                       stab_member.astype(jnp.float32))
+
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-subset responses at each site
+# ----------------------------------------------------------------------------------------------
+
+def _take_positions(x_rtd: jax.Array, pos_rp: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x_rtd, pos_rp[..., None], axis=-2)
+
+
+class Rows(NamedTuple):
+    """Gathered training rows for one group (a subset's fidelity rows, or the stability rows)."""
+
+    reader: jax.Array    # [R, T', D] (linear sites) or [R, T, D] (residual)
+    final: jax.Array     # [R, T', d] at the sampled positions
+    target: jax.Array    # [R, T']
+    valid: jax.Array     # [R, T']
+    pos: jax.Array       # [R, T']
+    ids: jax.Array       # [R, T] (residual site only; else [R, 0])
+    mask: jax.Array      # [R, T] (residual site only; else [R, 0])
+
+
+def gather_rows(cache: dict[str, jax.Array], data: dict[str, jax.Array], rows, pos, valid,
+                site: str) -> Rows:
+    """Gather cached activations (and, for the residual site, whole rows) at sampled positions."""
+    final = jnp.take(cache["final"], rows, axis=0)
+    reader_full = jnp.take(cache["reader"], rows, axis=0)
+    ids = jnp.take(data["input_ids"], rows, axis=0)
+    target = jnp.take_along_axis(jnp.concatenate([ids[..., 1:], ids[..., :1]], axis=-1), pos, axis=-1)
+    if site == "residual":
+        reader = reader_full
+        row_ids, row_mask = ids, jnp.take(data["attention_mask"], rows, axis=0)
+    else:
+        reader = _take_positions(reader_full, pos)
+        row_ids = row_mask = jnp.zeros(rows.shape + (0,), jnp.int32)
+    return Rows(reader, _take_positions(final, pos), target, valid, pos, row_ids, row_mask)
+
+
+def responses(lm: LMFunctions, site: str, basis: dict, coef_rc: jax.Array, rows: Rows,
+              base_logp: jax.Array | None = None,
+              feats: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per position: change of the target log-prob and KL(base || steered), each ``[R, T']``."""
+    if base_logp is None:
+        base_logp = jax.nn.log_softmax(lm.head(lm.params, rows.final), axis=-1)
+    if feats is None:
+        feats = basis_features(basis, rows.reader)
+    if site in ("logits", "final_hidden"):
+        delta = logit_shift(lm, site, shift(feats, coef_rc))
+        return delta_logprob_and_kl(base_logp, delta, rows.target)
+    # residual: add the shift at the reader layer and run the frozen upper layers.
+    h = rows.reader.astype(jnp.float32) + shift(feats, coef_rc)
+    steered_final = lm.upper(lm.params, h.astype(rows.reader.dtype), rows.ids, rows.mask)
+    logits = lm.head(lm.params, _take_positions(steered_final, rows.pos))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    dlogp = (jnp.take_along_axis(logp, rows.target[..., None], axis=-1)[..., 0] -
+             jnp.take_along_axis(base_logp, rows.target[..., None], axis=-1)[..., 0])
+    kl = jnp.sum(jnp.exp(base_logp) * (base_logp - logp), axis=-1)
+    return dlogp, kl
+
+
+def _weighted_mean(x, w):
+    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+class TrainOutput(NamedTuple):
+    state: OperatorState
+    history: list[dict[str, float]]
+
+
+def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet, design,
+                    steering: SteeringConfig, cfg: OperatorTrainConfig, *, key: jax.Array,
+                    checkpoint_dir: str | Path | None = None, fingerprint: str = "",
+                    progress: bool = True,
+                    on_step: Callable[[int], None] | None = None) -> TrainOutput:
+    """Train the basis and all K coefficient matrices; resumable from ``checkpoint_dir``.
+
+    Args:
+      lm: the frozen model as functions (:func:`stride_jax.steering.from_causal_lm`).
+      cache: reader/final activations of ``data`` (:func:`build_cache`).
+      data: the training rows (targets and loss masks).
+      design: the subset design (``num_subsets``, ``indptr``, ``cols``).
+      key: PRNG key; split into named keys for the init, subset order and row draws.
+      checkpoint_dir: orbax checkpoints of :class:`OperatorState`; an existing one made with the
+        same ``fingerprint`` is resumed, one made with another is refused.
+      on_step: called with the step index after each step (tests use it to interrupt a run).
+    """
+    from stride_jax.train._checkpoint import OperatorCheckpointer
+
+    validate(cfg)
+    site = steering.site
+    if site == "residual" and lm.upper is None:
+        raise ValueError("the residual site needs the model's upper layers (LMFunctions.upper)")
+    if cache.num_rows != len(data):
+        raise ValueError(f"cache has {cache.num_rows} rows but the training set has {len(data)}")
+    if design.num_examples != len(data):
+        raise ValueError(f"design is over {design.num_examples} examples but the training set has "
+                         f"{len(data)} rows")
+    k_init, k_order, k_rows, k_probe, k_sketch = (jax.random.fold_in(key, i) for i in range(5))
+    K = design.num_subsets
+    d_out = lm.vocab_size if site == "logits" else lm.d_final
+    params = init_steering(steering, d_reader=lm.d_reader, d_out=d_out, num_subsets=K, key=k_init)
+    basis_tx = optax.adam(cfg.basis_learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    state = OperatorState(params["basis"], params["coef"], basis_tx.init(params["basis"]),
+                          jnp.zeros_like(params["coef"]), jnp.zeros_like(params["coef"]),
+                          jnp.zeros((K,), jnp.int32), jnp.zeros((), jnp.int32))
+
+    members, sizes = padded_members(design)
+    schedule = subset_schedule(K, cfg.subsets_per_step, cfg.epochs, key=k_order)
+    sampler = make_sampler(members, sizes, data.loss_mask, cfg, key=k_rows)
+    cache_d = {"reader": jnp.asarray(cache.reader), "final": jnp.asarray(cache.final)}
+    data_d = {"input_ids": jnp.asarray(data.input_ids),
+              "attention_mask": jnp.asarray(data.attention_mask)}
+
+    # Linearity: a fixed probe batch and the sketched design M R (K x q).
+    lin_on = cfg.weight_linearity > 0
+    if lin_on:
+        q = min(cfg.linearity_sketch_dim, K)
+        R = jax.random.normal(k_sketch, (design.num_examples, q)) / math.sqrt(q)
+        MR = jax.ops.segment_sum(R[jnp.asarray(design.cols)], jnp.asarray(design.rows),
+                                 num_segments=K)
+        probe_rows = jax.random.choice(k_probe, design.num_examples,
+                                       (min(cfg.linearity_probe_rows, design.num_examples),),
+                                       replace=False)
+        tokens = data.seq_len if cfg.tokens_per_row <= 0 else min(cfg.tokens_per_row, data.seq_len)
+        ppos, pvalid = _sample_positions(jax.random.fold_in(k_probe, 1),
+                                         jnp.asarray(data.loss_mask)[probe_rows], tokens)
+    else:
+        MR = probe_rows = ppos = pvalid = None
+
+    def loss_fn(basis, coef_s, chunk_ids, idx: Indices):
+        fid = jax.vmap(lambda r, p, v: gather_rows(cache_d, data_d, r, p, v, site))(
+            idx.fid_rows, idx.fid_pos, idx.fid_valid)
+        stab = gather_rows(cache_d, data_d, idx.stab_rows, idx.stab_pos, idx.stab_valid, site)
+        stab_logp = jax.nn.log_softmax(lm.head(lm.params, stab.final), axis=-1)
+        stab_feats = basis_features(basis, stab.reader)
+
+        def per_subset(coef_rc, fid_rows: Rows, member_j):
+            dlogp, _ = responses(lm, site, basis, coef_rc, fid_rows)
+            fidelity = -_weighted_mean(dlogp, fid_rows.valid)
+            _, kl = responses(lm, site, basis, coef_rc, stab, stab_logp, stab_feats)
+            stability = _weighted_mean(kl, stab.valid * (1.0 - member_j)[:, None])
+            return fidelity, stability
+
+        fidelity, stability = jax.vmap(per_subset)(coef_s, fid, idx.stab_member)
+        total = cfg.weight_fidelity * fidelity + cfg.weight_stability * stability
+        linearity = jnp.zeros(())
+        if lin_on:
+            probe = gather_rows(cache_d, data_d, probe_rows, ppos, pvalid, site)
+
+            def probe_response(coef_rc):
+                dlogp, _ = responses(lm, site, basis, coef_rc, probe)
+                return jnp.sum(dlogp * probe.valid, -1) / jnp.maximum(probe.valid.sum(-1), 1.0)
+
+            y_ps = jax.vmap(probe_response, out_axes=1)(coef_s)      # [P, S]
+            ms = MR[chunk_ids]                                          # [S, q]
+            gram = ms.T @ ms + cfg.linearity_ridge * jnp.eye(ms.shape[1])
+            fitted = ms @ jnp.linalg.solve(gram, ms.T @ y_ps.T)        # [S, P]
+            resid = y_ps.T - fitted
+            centred = y_ps.T - y_ps.T.mean(0, keepdims=True)
+            linearity = jnp.mean(jnp.sum(resid ** 2, 0) / (jnp.sum(centred ** 2, 0) + 1e-12))
+        loss = jnp.mean(total) + cfg.weight_linearity * linearity
+        return loss, (fidelity, stability, linearity, total)
+
+    b1, b2, eps, lr = cfg.b1, cfg.b2, cfg.eps, cfg.learning_rate
+
+    @jax.jit
+    def train_step(state: OperatorState, chunk_ids, idx: Indices):
+        coef_s = state.coef[chunk_ids]
+        (loss, aux), (g_basis, g_coef) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            state.basis, coef_s, chunk_ids, idx)
+        upd, basis_opt = basis_tx.update(g_basis, state.basis_opt, state.basis)
+        basis = optax.apply_updates(state.basis, upd)
+        # Per-subset ("lazy") Adam on the visited coefficients only.
+        count = state.coef_count[chunk_ids] + 1
+        m = b1 * state.coef_m[chunk_ids] + (1 - b1) * g_coef
+        v = b2 * state.coef_v[chunk_ids] + (1 - b2) * g_coef ** 2
+        bc1 = (1 - b1 ** count.astype(jnp.float32))[:, None, None]
+        bc2 = (1 - b2 ** count.astype(jnp.float32))[:, None, None]
+        new_coef = coef_s - lr * (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+        state = OperatorState(basis, state.coef.at[chunk_ids].set(new_coef), basis_opt,
+                              state.coef_m.at[chunk_ids].set(m), state.coef_v.at[chunk_ids].set(v),
+                              state.coef_count.at[chunk_ids].set(count), state.step + 1)
+        return state, loss, aux
+
+    ckpt = OperatorCheckpointer(checkpoint_dir, fingerprint) if checkpoint_dir else None
+    start = 0
+    if ckpt is not None:
+        restored = ckpt.restore(state)
+        if restored is not None:
+            state = restored
+            start = int(state.step)
+            log.info("resuming operator training at step %d of %d", start, len(schedule))
+
+    history: list[dict[str, float]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(schedule), initial=start, desc="train operators", unit="step",
+                   dynamic_ncols=True)
+    t0 = time.perf_counter()
+    compile_s = None
+    steady_t0, steady_steps = None, 0
+    for step in range(start, len(schedule)):
+        chunk_ids = jnp.asarray(schedule[step])
+        idx = sampler(jnp.int32(step), chunk_ids)
+        new_state, loss, (fid, stab, lin, total) = train_step(state, chunk_ids, idx)
+        loss_f = float(loss)
+        if compile_s is None:
+            compile_s = time.perf_counter() - t0
+            steady_t0 = time.perf_counter()
+        else:
+            steady_steps += 1
+        if not math.isfinite(loss_f):
+            bad = np.flatnonzero(~np.isfinite(np.asarray(total)))
+            which = int(schedule[step][bad[0]]) if len(bad) else -1
+            where = f" (subset {which})" if which >= 0 else ""
+            kept = (f"; the last good checkpoint (step {ckpt.latest_step()}) in {checkpoint_dir} is "
+                    f"kept" if ckpt is not None and ckpt.latest_step() is not None else "")
+            raise NonFiniteOperatorLossError(
+                f"operator training loss is {loss_f} at step {step}{where}; lower "
+                f"train.learning_rate or check the cached activations for NaN/inf{kept}")
+        state = new_state
+        done = step + 1
+        if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                                 or done == len(schedule)):
+            ckpt.save(done, state)
+        if step % cfg.log_every == 0 or done == len(schedule):
+            rate = (steady_steps * schedule.shape[1] / (time.perf_counter() - steady_t0)
+                    if steady_steps else 0.0)
+            point = {"step": step, "loss": loss_f, "fidelity": float(jnp.mean(fid)),
+                     "stability": float(jnp.mean(stab)), "linearity": float(lin),
+                     "subsets_per_s": rate, "compile_s": compile_s}
+            history.append(point)
+            if bar is not None:
+                bar.set_postfix(fid=f"{point['fidelity']:.4f}", stab=f"{point['stability']:.4f}",
+                                lin=f"{point['linearity']:.3f}", subsets_s=f"{rate:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if on_step is not None:
+            on_step(step)
+    if bar is not None:
+        bar.close()
+    if ckpt is not None:
+        ckpt.close()
+    return TrainOutput(state, history)
