@@ -7,6 +7,7 @@ from stride_jax.io.atomic import (
     load_npy,
     save_npy,
 )
+from stride_jax.io.stamps import StaleArtifactError, array_fingerprint, complete_stage, open_stage
 from stride_jax.io.safetensors import (
     SafetensorsError,
     TensorInfo,
@@ -17,6 +18,10 @@ from stride_jax.io.safetensors import (
 )
 
 __all__ = [
+    "StaleArtifactError",
+    "array_fingerprint",
+    "complete_stage",
+    "open_stage",
     "SafetensorsError",
     "TensorInfo",
     "atomic_path",

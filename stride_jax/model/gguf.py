@@ -13,8 +13,8 @@ A GGUF file is a header of typed key/value metadata followed by named tensors.
 * Metadata keys are namespaced by architecture: ``llama.embedding_length``, ``llama.block_count``,
   ``llama.attention.head_count`` ... plus ``tokenizer.ggml.*`` (vocabulary, merges, special ids)
   and ``general.*`` (names, licence: bookkeeping). :func:`config_from_gguf` reads the ``llama.*``
-  keys through an allowlist, as :mod:`stride_jax.model.hf` does for ``config.json``: a key that could
-  change the forward pass and that we do not implement is an error, not silently dropped.
+  keys through an allowlist, as :mod:`stride_jax.model.hf` does for ``config.json``: a key that
+  could change the forward pass and that we do not implement is an error, not silently dropped.
 * Tensor names follow llama.cpp's scheme (``token_embd.weight``, ``blk.{i}.attn_q.weight`` ...);
   :data:`GGUF_TO_HF` is the declared map onto HF Llama names. Tensors are stored row-major with
   their dimensions listed *innermost first* (``ne0, ne1``), so a tensor whose GGUF shape reads
@@ -113,7 +113,8 @@ def _gguf_module():
     try:
         import gguf
     except ImportError as e:
-        raise ModuleNotFoundError(f"reading GGUF files needs the `gguf` package. {SMOLLM2_HINT}") from e
+        raise ModuleNotFoundError(
+            f"reading GGUF files needs the `gguf` package. {SMOLLM2_HINT}") from e
     return gguf
 
 
@@ -293,7 +294,8 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "self_attn.k_proj.weight": (c.num_kv_heads * hd, d),
         "self_attn.v_proj.weight": (c.num_kv_heads * hd, d),
         "self_attn.o_proj.weight": (d, c.num_heads * hd),
-        "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
+        "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
     }
     out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
     for i in range(c.num_layers):

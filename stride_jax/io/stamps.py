@@ -1,0 +1,80 @@
+"""Argument stamps: every stage directory records what made it, and refuses to be reused otherwise.
+
+A stage writes ``stamp.json`` = ``{"stage", "payload", "complete"}`` before it starts (``complete``
+false) and again when it finishes (``complete`` true). A rerun with the same payload reuses a
+complete artifact or resumes an incomplete one; a rerun with a different payload stops with a
+message naming the keys that changed, unless ``overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from stride_jax.io.atomic import atomic_write_text
+
+STAMP = "stamp.json"
+
+
+class StaleArtifactError(ValueError):
+    """A stage directory was made with different arguments or inputs."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _canonical(payload: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(payload, sort_keys=True, default=str))
+
+
+def open_stage(directory: str | Path, stage: str, payload: Mapping[str, Any], *,
+               overwrite: bool = False) -> bool:
+    """Prepare ``directory`` for ``stage``; return True when a complete matching artifact exists."""
+    directory = Path(directory)
+    payload = _canonical(payload)
+    path = directory / STAMP
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("payload") == payload and old.get("stage") == stage:
+            return bool(old.get("complete"))
+        if not overwrite:
+            a, b = _flatten(old.get("payload", {})), _flatten(payload)
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:6])
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise StaleArtifactError(
+                f"{directory} holds the '{old.get('stage')}' stage made with other arguments or "
+                f"inputs ({shown}{more}); use another output directory, or --overwrite to replace it")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"stage": stage, "payload": payload, "complete": False},
+                                       indent=1))
+    return False
+
+
+def complete_stage(directory: str | Path, stage: str, payload: Mapping[str, Any]) -> None:
+    atomic_write_text(Path(directory) / STAMP, json.dumps(
+        {"stage": stage, "payload": _canonical(payload), "complete": True}, indent=1))
+
+
+def array_fingerprint(*arrays: np.ndarray, extra: Any = None) -> str:
+    """sha256 (first 16 hex digits) of arrays' shapes, dtypes and bytes, plus ``extra`` as JSON."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
