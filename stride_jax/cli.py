@@ -56,29 +56,112 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Pretrain the bundled tiny model on the embedded Shakespeare corpus (reused when present)."""
-    from stride_jax.config import config_fingerprint, load_config
-    from stride_jax.recipes import PretrainConfig, pretrain
+    """Pretrain the tiny model on the embedded corpus (reused when present), then attribute."""
+    import json
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    from stride_jax.attributor import AttributeConfig
+    from stride_jax.config import config_fingerprint, load_config
+    from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.model.hf import from_hf
+    from stride_jax.recipes import PretrainConfig, build_corpus, format_loss_curve, pretrain
+
+    cfg = load_config(PretrainConfig, args.config)
+    att_cfg = load_config(AttributeConfig, args.attribute_config, args.overrides)
     model_dir = args.out / "model"
     stamp = model_dir / "recipe.fingerprint"
+    print(f"stride-jax {__version__} demo: the tiny model on the embedded Shakespeare corpus")
+    t0 = time.perf_counter()
     if not args.force and stamp.is_file() and stamp.read_text().strip() == config_fingerprint(cfg):
-        print(f"reusing the pretrained model in {model_dir} (pass --force to retrain)")
-        from stride_jax.model.hf import from_hf
-        import json
+        print(f"reusing the pretrained model in {model_dir} (--force retrains)")
         hist = json.loads((model_dir / "history.json").read_text())
-        from stride_jax.recipes import format_loss_curve
         print(format_loss_curve(hist["history"]))
         print(f"held-out loss: {hist['heldout_loss']:.4f}")
-        from_hf(model_dir)  # proves the saved model loads
-        return 0
-    print(f"stride-jax {__version__} demo: pretraining the tiny model on the embedded corpus")
-    t0 = time.perf_counter()
-    result = pretrain(cfg, model_dir, progress=not args.quiet)
-    from stride_jax.io.atomic import atomic_write_text
-    atomic_write_text(stamp, config_fingerprint(cfg) + "\n")
-    _print_pretrain_summary(result, time.perf_counter() - t0)
+        model = from_hf(model_dir)
+        corpus = build_corpus(cfg.corpus)
+    else:
+        print("1/2 pretraining")
+        result = pretrain(cfg, model_dir, progress=not args.quiet)
+        atomic_write_text(stamp, config_fingerprint(cfg) + "\n")
+        _print_pretrain_summary(result, time.perf_counter() - t0)
+        model, corpus = result.model, result.corpus
+    queries = corpus.heldout.subset(range(min(args.queries, len(corpus.heldout))))
+    print(f"2/2 attributing {len(queries)} held-out queries to {len(corpus.train)} training rows "
+          f"(site={att_cfg.steering.site}, rank={att_cfg.steering.rank})")
+    t1 = time.perf_counter()
+    result, train_texts, query_texts = _attribute_and_write(
+        model, corpus.tokenizer, corpus.train, queries, att_cfg, args.out / "attribution",
+        overwrite=args.overwrite, progress=not args.quiet)
+    print_attribution(result, train_texts, query_texts)
+    print(f"\nattribution took {time.perf_counter() - t1:.0f} s; scores and topk.jsonl are in "
+          f"{args.out / 'attribution'} (total {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def row_texts(rows, tokenizer) -> list[str]:
+    """Decoded text of each row's real tokens."""
+    from stride_jax.tokenizer import as_backend
+    backend = as_backend(tokenizer)
+    return [backend.decode([int(t) for t, m in zip(ids, mask) if m])
+            for ids, mask in zip(rows.input_ids, rows.attention_mask)]
+
+
+def _snippet(text: str, width: int = 110) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def print_attribution(result, train_texts, query_texts, *, queries: int = 3, k: int = 3) -> None:
+    for q in range(min(queries, len(result.query_ids))):
+        pro, opp = result.top(q, k)
+        print(f"\nquery {result.query_ids[q]}  (base loss {result.base_loss_q[q]:.3f})")
+        print(f"  {_snippet(query_texts[q])}")
+        print("  top proponents (training on them lowers this query's loss):")
+        for i, s in pro or []:
+            print(f"    {s:+.2e}  {result.train_ids[i]:<28} {_snippet(train_texts[i], 70)}")
+        if not pro:
+            print("    (none: no example has a positive score)")
+        print("  top opponents (training on them raises it):")
+        for i, s in opp or []:
+            print(f"    {s:+.2e}  {result.train_ids[i]:<28} {_snippet(train_texts[i], 70)}")
+        if not opp:
+            print("    (none: no example has a negative score)")
+
+
+def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Path, *,
+                         overwrite: bool, progress: bool):
+    from stride_jax.attributor import Attributor
+    att = Attributor(model, train_rows, cfg, workdir=out, overwrite=overwrite, progress=progress)
+    result = att.attribute(query_rows)
+    train_texts, query_texts = row_texts(train_rows, tokenizer), row_texts(query_rows, tokenizer)
+    result.write(out, train_texts=train_texts, query_texts=query_texts, k=cfg.topk)
+    return result, train_texts, query_texts
+
+
+def cmd_attribute(args) -> int:
+    from stride_jax.attributor import AttributeConfig
+    from stride_jax.data import read_documents, tokenize_documents
+    from stride_jax.model.hf import from_hf
+    from stride_jax.tokenizer import check_vocab_matches, load_tokenizer
+
+    cfg = _load(AttributeConfig, args)
+    model = from_hf(args.model, strict=not args.no_strict_config)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_vocab_matches(tokenizer, model.config.vocab_size)
+    seq_len = cfg.data.seq_len or min(model.config.max_position_embeddings, 256)
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context "
+                         f"({model.config.max_position_embeddings})")
+    mode = cfg.data.train_mode
+    if mode == "auto":
+        mode = "document" if str(args.train).endswith(".jsonl") else "chunk"
+    train_rows = tokenize_documents(read_documents(args.train), tokenizer, seq_len, mode=mode)
+    query_rows = tokenize_documents(read_documents(args.queries), tokenizer, seq_len,
+                                    mode="document")
+    result, train_texts, query_texts = _attribute_and_write(
+        model, tokenizer, train_rows, query_rows, cfg, args.out, overwrite=args.overwrite,
+        progress=not args.quiet)
+    print_attribution(result, train_texts, query_texts)
+    print(f"\nscores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written to {args.out}")
     return 0
 
 
@@ -100,13 +183,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory")
     p.add_argument("--force", action="store_true", help="retrain even if a matching model exists")
     p.add_argument("--config", type=Path, default=None, help="pretraining config (YAML)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--attribute-config", type=Path, default=None, help="attribution config (YAML)")
+    p.add_argument("--queries", type=int, default=8, help="held-out rows to attribute")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace attribution artifacts made with other arguments")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the attribution config")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pretrain", help="train a small LM from scratch and save it as an HF directory")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("attribute", help="STRIDE attribution of queries to training examples")
+    p.add_argument("--model", type=Path, required=True, help="HF model directory")
+    p.add_argument("--train", type=Path, required=True,
+                   help="training data: .jsonl ({id, text} or {id, prompt, completion}), .txt or a "
+                        "directory of .txt files")
+    p.add_argument("--queries", type=Path, required=True, help="queries (.jsonl)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer.json or its directory (default: the model directory's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace stage artifacts made with other arguments")
+    p.add_argument("--no-strict-config", action="store_true",
+                   help="warn instead of failing on HF config keys stride-jax does not know")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("export-smollm2", help="write the bundled SmolLM2-135M GGUF as an HF directory")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
@@ -121,15 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("jax", "absl", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from stride_jax.config import ConfigError
-    from stride_jax.data import DataError
-    from stride_jax.model.hf import HFConfigError, HFWeightsError
-    from stride_jax.io import SafetensorsError
     try:
         return args.func(args)
-    except (ConfigError, DataError, HFConfigError, HFWeightsError, SafetensorsError,
-            FileNotFoundError) as e:
-        # Expected user errors: one clear line, no traceback.
+    except (ValueError, FileNotFoundError, FloatingPointError, ModuleNotFoundError) as e:
+        # Our errors name the problem and the fix: one clear line; -v shows the traceback.
+        if args.verbose:
+            raise
         print(f"stride-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

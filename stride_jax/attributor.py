@@ -1,0 +1,321 @@
+"""The ``Attributor``: STRIDE as named stages, each a stored, argument-stamped artifact.
+
+::
+
+    att = Attributor(model, train_rows, AttributeConfig(), workdir="runs/x")
+    att.fit_operators()             # design + activation cache + operator training
+    responses = att.measure(query_rows)
+    result = att.solve(responses)   # scores [Q, n]: positive = the example lowers the query's loss
+    result.write("runs/x", train_texts=..., query_texts=...)
+
+Stages and their directories under ``workdir``:
+
+==============  ===========================  ==============================================
+stage           directory                    stamp covers
+==============  ===========================  ==============================================
+design          ``design/``                  n, design config, seed
+operators       ``operators/``               model + training data fingerprints, design,
+                                             steering and train config, seed
+measure         ``responses/``               operators stamp + queries + measure config
+solve           ``solve/``                   responses stamp + solve config
+==============  ===========================  ==============================================
+
+A stage whose stamp matches is loaded instead of recomputed (operator training resumes from its
+last orbax checkpoint); a stamp that does not match is refused with the changed keys named,
+unless ``overwrite=True``. Without a ``workdir`` everything stays in memory.
+
+Keys: one seed, ``root = key(seed)``; the design uses ``fold_in(root, 0)``, training
+``fold_in(root, 1)``, lambda selection ``fold_in(root, 2)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stride_jax.config import dump_config, option, to_dict
+from stride_jax.data import TokenizedSet
+from stride_jax.io.atomic import atomic_write_text, save_npy
+from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
+from stride_jax.measure import MeasureConfig, Responses, measure_responses
+from stride_jax.model.transformer import CausalLM
+from stride_jax.solve import SolveConfig, solve
+from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
+from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
+from stride_jax.train import OperatorTrainConfig, build_cache, train_operators
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DesignConfig:
+    """The random subsets the operators are trained on."""
+
+    kind: Literal["expander", "bernoulli"] = option(
+        "expander", "expander: each example in exactly `per_example` of K subsets (paper); "
+                    "bernoulli: each subset holds each example with probability `alpha`")
+    num_subsets: int | None = option(None, "K; null: min(1000, n * per_example // 32), which keeps "
+                                           "subsets at >= ~32 examples")
+    per_example: int = option(10, "d: subsets per example (expander; paper: 10)")
+    alpha: float = option(0.3, "membership probability (bernoulli)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How text files become rows (CLI only; the Python API takes tokenized rows)."""
+
+    seq_len: int | None = option(None, "tokens per row; null: the model's context, at most 256")
+    train_mode: Literal["auto", "chunk", "document"] = option(
+        "auto", "chunk: cut documents into seq_len pieces; document: one row per document "
+                "(error if longer); auto: document for .jsonl, chunk otherwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeConfig:
+    """A whole STRIDE run."""
+
+    design: DesignConfig = option(DesignConfig(), "subset design")
+    steering: SteeringConfig = option(SteeringConfig(), "operator family")
+    train: OperatorTrainConfig = option(OperatorTrainConfig(), "operator training")
+    measure: MeasureConfig = option(MeasureConfig(), "measurement batching")
+    solve: SolveConfig = option(SolveConfig(), "sparse recovery")
+    data: DataConfig = option(DataConfig(), "tokenization of text inputs (CLI)")
+    seed: int = option(0, "the one seed of the run")
+    topk: int = option(10, "proponents and opponents listed per query in topk.jsonl")
+
+
+def rows_fingerprint(rows: TokenizedSet) -> str:
+    return array_fingerprint(rows.input_ids, rows.attention_mask, rows.loss_mask,
+                             extra=list(rows.ids))
+
+
+class Operators(NamedTuple):
+    """Trained operators: the shared basis (a dict of arrays) and coefficients ``[K, r, C]``."""
+
+    basis: dict
+    coef: jax.Array
+
+    def save(self, path: str | Path) -> None:
+        from stride_jax.io.atomic import atomic_path
+        arrays = {f"basis.{k}": np.asarray(v) for k, v in self.basis.items()}
+        arrays["coef"] = np.asarray(self.coef)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Operators":
+        with np.load(path, allow_pickle=False) as z:
+            basis = {k[len("basis."):]: jnp.asarray(z[k]) for k in z.files if k.startswith("basis.")}
+            return cls(basis, jnp.asarray(z["coef"]))
+
+
+class Attribution(NamedTuple):
+    """Scores and what produced them."""
+
+    scores_qn: np.ndarray        # [Q, n] float32; positive = the example lowers the query's loss
+    query_ids: list[str]
+    train_ids: list[str]
+    y_qk: np.ndarray             # [Q, K] responses
+    base_loss_q: np.ndarray      # [Q]
+    lam_q: np.ndarray            # [Q] Lasso penalty used per query
+    intercept_q: np.ndarray      # [Q]
+
+    def top(self, q: int, k: int = 10) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """Top ``k`` proponents (largest positive scores) and opponents (most negative) of query q."""
+        s = self.scores_qn[q]
+        order = np.argsort(-s, kind="stable")
+        pro = [(int(i), float(s[i])) for i in order[:k] if s[i] > 0]
+        opp = [(int(i), float(s[i])) for i in order[::-1][:k] if s[i] < 0]
+        return pro, opp
+
+    def write(self, out_dir: str | Path, *, train_texts: Sequence[str] | None = None,
+              query_texts: Sequence[str] | None = None, k: int = 10) -> Path:
+        """``scores.npy``, ``topk.jsonl`` (ids, scores, texts) and ``ids.json`` in ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_npy(out / "scores.npy", self.scores_qn.astype(np.float32))
+        atomic_write_text(out / "ids.json", json.dumps({"queries": self.query_ids,
+                                                        "train": self.train_ids}) + "\n")
+        lines = []
+        for q, qid in enumerate(self.query_ids):
+            pro, opp = self.top(q, k)
+
+            def entry(i, s):
+                e = {"id": self.train_ids[i], "index": i, "score": s}
+                if train_texts is not None:
+                    e["text"] = train_texts[i]
+                return e
+
+            rec: dict[str, Any] = {"query_id": qid, "base_loss": float(self.base_loss_q[q]),
+                                   "lambda": float(self.lam_q[q]),
+                                   "proponents": [entry(i, s) for i, s in pro],
+                                   "opponents": [entry(i, s) for i, s in opp]}
+            if query_texts is not None:
+                rec["query_text"] = query_texts[q]
+            lines.append(json.dumps(rec, ensure_ascii=False))
+        atomic_write_text(out / "topk.jsonl", "\n".join(lines) + "\n")
+        return out
+
+
+class Attributor:
+    """STRIDE attribution of one frozen model on one training set.
+
+    Args:
+      model: a stride-jax :class:`CausalLM`, or any JAX model as :class:`LMFunctions`.
+      train: tokenized training rows (one row = one attributed example).
+      config: the run configuration.
+      workdir: where stage artifacts go (None: in memory only).
+      overwrite: replace stage artifacts made with other arguments instead of refusing.
+    """
+
+    def __init__(self, model: CausalLM | LMFunctions, train: TokenizedSet,
+                 config: AttributeConfig = AttributeConfig(), *, workdir: str | Path | None = None,
+                 overwrite: bool = False, progress: bool = True):
+        if len(train) < 1:
+            raise ValueError("the training set is empty: nothing to attribute to")
+        if isinstance(model, CausalLM):
+            layer = resolve_layer(config.steering, model.config.num_layers)
+            self.lm = from_causal_lm(model, layer)
+        elif isinstance(model, LMFunctions):
+            if config.steering.layer is not None and config.steering.layer != model.layer:
+                raise ValueError(f"steering.layer={config.steering.layer} but the LMFunctions read "
+                                 f"layer {model.layer}")
+            self.lm = model
+        else:
+            raise TypeError(f"model must be a CausalLM or LMFunctions, got {type(model).__name__}")
+        self.train = train
+        self.config = config
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.overwrite = overwrite
+        self.progress = progress
+        self.root = jax.random.key(config.seed)
+        self._design: Design | None = None
+        self._ops: Operators | None = None
+        self.history: list[dict] = []
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            dump_config(config, self.workdir / "attribute.yaml")
+
+    # -- stamps --------------------------------------------------------------------------------
+    def _stamp(self, stage: str) -> dict:
+        c = self.config
+        base = {"n": len(self.train), "design": to_dict(c.design), "seed": c.seed}
+        if stage == "design":
+            return base
+        base.update(model=self.lm.fingerprint, layer=self.lm.layer,
+                    train_rows=rows_fingerprint(self.train), steering=to_dict(c.steering),
+                    train=to_dict(c.train))
+        return base
+
+    def _stage_dir(self, name: str) -> Path | None:
+        return None if self.workdir is None else self.workdir / name
+
+    # -- stages --------------------------------------------------------------------------------
+    @property
+    def num_subsets(self) -> int:
+        d = self.config.design
+        n = len(self.train)
+        return d.num_subsets if d.num_subsets is not None else default_num_subsets(n, d.per_example)
+
+    def design(self) -> Design:
+        """The membership design (stage ``design``)."""
+        if self._design is not None:
+            return self._design
+        d, n = self.config.design, len(self.train)
+        key = jax.random.fold_in(self.root, 0)
+        directory = self._stage_dir("design")
+        payload = self._stamp("design")
+        if directory is not None and open_stage(directory, "design", payload,
+                                                overwrite=self.overwrite):
+            self._design = Design.load(directory / "design.npz")
+            return self._design
+        if d.kind == "expander":
+            design = expander_design(n, self.num_subsets, d.per_example, key=key)
+        else:
+            design = bernoulli_design(n, self.num_subsets, d.alpha, key=key)
+        if directory is not None:
+            design.save(directory / "design.npz")
+            complete_stage(directory, "design", payload)
+        self._design = design
+        return design
+
+    def fit_operators(self) -> Operators:
+        """Cache activations and train all operators (stage ``operators``; resumable)."""
+        if self._ops is not None:
+            return self._ops
+        design = self.design()
+        directory = self._stage_dir("operators")
+        payload = self._stamp("operators")
+        if directory is not None and open_stage(directory, "operators", payload,
+                                                overwrite=self.overwrite):
+            self._ops = Operators.load(directory / "operators.npz")
+            return self._ops
+        cache = build_cache(self.lm, self.train, progress=self.progress)
+        out = train_operators(
+            self.lm, cache, self.train, design, self.config.steering, self.config.train,
+            key=jax.random.fold_in(self.root, 1),
+            checkpoint_dir=None if directory is None else directory / "checkpoints",
+            fingerprint=array_fingerprint(extra=payload), progress=self.progress)
+        self._ops, self.history = Operators(out.state.basis, out.state.coef), out.history
+        if directory is not None:
+            self._ops.save(directory / "operators.npz")
+            atomic_write_text(directory / "history.json", json.dumps(out.history, indent=1))
+            complete_stage(directory, "operators", payload)
+        return self._ops
+
+    def measure(self, queries: TokenizedSet) -> Responses:
+        """Responses ``y[q, k]`` of the queries to every operator (stage ``responses``)."""
+        ops = self.fit_operators()
+        directory = self._stage_dir("responses")
+        payload = {"operators": self._stamp("operators"), "queries": rows_fingerprint(queries),
+                   "measure": to_dict(self.config.measure)}
+        if directory is not None and open_stage(directory, "responses", payload,
+                                                overwrite=self.overwrite):
+            return Responses(np.load(directory / "y.npy"), np.load(directory / "base_loss.npy"))
+        res = measure_responses(self.lm, self.config.steering.site, ops.basis, ops.coef,
+                                queries, self.config.measure, progress=self.progress)
+        if directory is not None:
+            save_npy(directory / "y.npy", res.y_qk)
+            save_npy(directory / "base_loss.npy", res.base_loss_q)
+            complete_stage(directory, "responses", payload)
+        return res
+
+    def solve(self, responses: Responses, query_ids: Sequence[str] | None = None) -> Attribution:
+        """Per-query Lasso over the design (stage ``solve``)."""
+        design = self.design()
+        y = np.asarray(responses.y_qk, np.float64)
+        if y.ndim != 2 or y.shape[1] != design.num_subsets:
+            raise ValueError(f"responses have shape {y.shape}; expected [queries, "
+                             f"{design.num_subsets}] for this design")
+        directory = self._stage_dir("solve")
+        payload = {"responses": array_fingerprint(np.asarray(responses.y_qk, np.float32)),
+                   "design": self._stamp("design"), "solve": to_dict(self.config.solve)}
+        if directory is not None and open_stage(directory, "solve", payload,
+                                                overwrite=self.overwrite):
+            w = np.load(directory / "scores.npy")
+            lam = np.load(directory / "lambda.npy")
+            b = np.load(directory / "intercept.npy")
+        else:
+            out = solve(design, y, self.config.solve, key=jax.random.fold_in(self.root, 2))
+            w, lam, b = (np.asarray(out.w_qn, np.float32), np.asarray(out.lam_q),
+                         np.asarray(out.intercept_q))
+            if directory is not None:
+                save_npy(directory / "scores.npy", w)
+                save_npy(directory / "lambda.npy", lam)
+                save_npy(directory / "intercept.npy", b)
+                complete_stage(directory, "solve", payload)
+        qids = list(query_ids) if query_ids is not None else [str(i) for i in range(y.shape[0])]
+        return Attribution(w, qids, list(self.train.ids), np.asarray(responses.y_qk),
+                           np.asarray(responses.base_loss_q), lam, b)
+
+    def attribute(self, queries: TokenizedSet) -> Attribution:
+        """All stages: operators, measurement, recovery."""
+        return self.solve(self.measure(queries), queries.ids)
