@@ -237,10 +237,14 @@ class Attributor:
                                                 overwrite=self.overwrite):
             self._design = Design.load(directory / "design.npz")
             return self._design
-        if d.kind == "expander":
-            design = expander_design(n, self.num_subsets, d.per_example, key=key)
-        else:
-            design = bernoulli_design(n, self.num_subsets, d.alpha, key=key)
+        try:
+            if d.kind == "expander":
+                design = expander_design(n, self.num_subsets, d.per_example, key=key)
+            else:
+                design = bernoulli_design(n, self.num_subsets, d.alpha, key=key)
+        except ValueError as e:
+            raise ValueError(f"design (kind={d.kind}, num_subsets={self.num_subsets}, "
+                             f"per_example={d.per_example}, alpha={d.alpha}, n={n}): {e}") from e
         if directory is not None:
             design.save(directory / "design.npz")
             complete_stage(directory, "design", payload)

@@ -249,3 +249,23 @@ def test_basis_reads_normalised_activations():
     h = jnp.asarray([[[1.0, 2.0, 3.0, 4.0]]])
     np.testing.assert_allclose(np.asarray(basis_features(basis, 10 * h)),
                                np.asarray(basis_features(basis, h)), rtol=1e-5)
+
+
+def test_cheap_exact_logprob_change_matches_float64_reference():
+    from stride_jax.steering import delta_logprob
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 7, 40)) * 3
+    base = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    p = np.exp(base)
+    for scale in (1e-6, 1e-3, 0.5, 200.0):
+        delta = rng.normal(size=logits.shape) * scale
+        tgt = rng.integers(0, 40, logits.shape[:2])
+        z = base + delta
+        m = z.max(-1, keepdims=True)
+        lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+        if scale < 1:
+            lse = np.log1p((p * np.expm1(delta)).sum(-1))
+        ref = np.take_along_axis(delta, tgt[..., None], -1)[..., 0] - lse
+        got = delta_logprob(jnp.asarray(base, jnp.float32), jnp.asarray(delta, jnp.float32),
+                            jnp.asarray(tgt))
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-3, atol=1e-5 * scale)

@@ -22,7 +22,7 @@ import numpy as np
 
 from stride_jax.config import option
 from stride_jax.data import TokenizedSet
-from stride_jax.steering import LMFunctions, basis_features
+from stride_jax.steering import LMFunctions, basis_features, delta_logprob, logit_shift, shift
 from stride_jax.train import Rows, check_rows_fit, responses
 
 
@@ -55,6 +55,7 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
         raise ValueError("measure.query_batch and measure.subset_chunk must be >= 1")
     K = coef_krc.shape[0]
     Q, T = queries.input_ids.shape
+    cfg = dataclasses.replace(cfg, query_batch=min(cfg.query_batch, Q))
     S = min(cfg.subset_chunk, K)
     n_chunks = -(-K // S)
     coef_pad = jnp.concatenate([coef_krc, jnp.zeros((n_chunks * S - K,) + coef_krc.shape[1:],
@@ -77,7 +78,11 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
         feats = basis_features(basis, rows.reader)
 
         def one(coef_rc):
-            dlogp, _ = responses(lm, site, basis, coef_rc, rows, logp, feats)
+            if site == "residual":
+                dlogp, _ = responses(lm, site, basis, coef_rc, rows, logp, feats)
+            else:
+                delta = logit_shift(lm, site, shift(feats, coef_rc))
+                dlogp = delta_logprob(logp, delta, rows.target)
             return jnp.sum(dlogp * w, 1) / jnp.maximum(w.sum(1), 1.0)
 
         return jax.vmap(one, out_axes=1)(coef_src)   # [B, S]
