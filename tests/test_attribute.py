@@ -92,9 +92,10 @@ def test_outputs_and_sign_convention(pretrained, tmp_path):
 def _write_pairs(tmp_path, res):
     from stride_jax.cli import row_texts
     texts = row_texts(res.corpus.train.subset(range(120)), res.tokenizer)
-    write_jsonl([Document(id=f"d{i}", text=t) for i, t in enumerate(texts)], tmp_path / "train.jsonl")
+    write_jsonl([Document(id=f"d{i}", text=t[:30]) for i, t in enumerate(texts)],
+                tmp_path / "train.jsonl")
     qs = row_texts(res.corpus.heldout.subset(range(3)), res.tokenizer)
-    write_jsonl([Document(id=f"q{i}", prompt=t[:20], text=t[20:]) for i, t in enumerate(qs)],
+    write_jsonl([Document(id=f"q{i}", prompt=t[:10], text=t[10:30]) for i, t in enumerate(qs)],
                 tmp_path / "queries.jsonl")
 
 
@@ -132,14 +133,15 @@ def test_attribute_command_bad_input(pretrained, tmp_path, capsys, case):
     elif case == "bad_train_format":
         (tmp_path / "train.jsonl").write_text('{"text": "no id here"}\n')
     elif case == "vocab_mismatch":
+        from stride_jax.data import shakespeare_plays
         from stride_jax.tokenizer import save_tokenizer, train_bpe
-        big = train_bpe(["some other text " * 50, "and more words here " * 50], vocab_size=600)
+        big = train_bpe([d.text for d in shakespeare_plays(["hamlet"])], vocab_size=600)
         save_tokenizer(big, tmp_path / "tok")
         args += ["--tokenizer", str(tmp_path / "tok")]
     elif case == "long_query":
         write_jsonl([Document(id="long", text="word " * 400)], tmp_path / "queries.jsonl")
     elif case == "bad_design":
-        args += ["design.per_example=500"]
+        args += ["design.num_subsets=10", "design.per_example=20"]
     elif case == "layer_out_of_range":
         args += ["steering.layer=7"]
     elif case == "typo":
