@@ -16,8 +16,8 @@ stage           directory                    stamp covers
 design          ``design/``                  n, design config, seed
 operators       ``operators/``               model + training data fingerprints, design,
                                              steering and train config, seed
-measure         ``responses/``               operators stamp + queries + measure config
-solve           ``solve/``                   responses stamp + solve config
+measure         ``responses/<queries>/``     operators stamp + queries + measure config
+solve           ``solve/<responses>/``       responses + design stamp + solve config
 ==============  ===========================  ==============================================
 
 A stage whose stamp matches is loaded instead of recomputed (operator training resumes from its
@@ -278,8 +278,10 @@ class Attributor:
     def measure(self, queries: TokenizedSet) -> Responses:
         """Responses ``y[q, k]`` of the queries to every operator (stage ``responses``)."""
         ops = self.fit_operators()
-        directory = self._stage_dir("responses")
-        payload = {"operators": self._stamp("operators"), "queries": rows_fingerprint(queries),
+        qfp = rows_fingerprint(queries)
+        # One directory per query set, so new queries reuse the operators without a clash.
+        directory = None if self.workdir is None else self.workdir / "responses" / qfp
+        payload = {"operators": self._stamp("operators"), "queries": qfp,
                    "measure": to_dict(self.config.measure)}
         if directory is not None and open_stage(directory, "responses", payload,
                                                 overwrite=self.overwrite):
@@ -299,8 +301,9 @@ class Attributor:
         if y.ndim != 2 or y.shape[1] != design.num_subsets:
             raise ValueError(f"responses have shape {y.shape}; expected [queries, "
                              f"{design.num_subsets}] for this design")
-        directory = self._stage_dir("solve")
-        payload = {"responses": array_fingerprint(np.asarray(responses.y_qk, np.float32)),
+        rfp = array_fingerprint(np.asarray(responses.y_qk, np.float32))
+        directory = None if self.workdir is None else self.workdir / "solve" / rfp
+        payload = {"responses": rfp,
                    "design": self._stamp("design"), "solve": to_dict(self.config.solve)}
         if directory is not None and open_stage(directory, "solve", payload,
                                                 overwrite=self.overwrite):

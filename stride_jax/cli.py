@@ -223,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("jax", "absl", "orbax"):
+    for noisy in ("jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # orbax logs routine async-save timing through absl at WARNING level.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError, ModuleNotFoundError) as e:
