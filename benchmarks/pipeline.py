@@ -74,7 +74,7 @@ def embedded_task(args):
 
 
 def synthetic_task(args):
-    n = 2000 if args.quick else 20000
+    n = 2000 if args.quick else 10000
     cfg = ModelConfig(family="llama", vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=2, head_dim=64, intermediate_size=1024,
                       max_position_embeddings=64)
@@ -144,7 +144,12 @@ def main():
                             np.concatenate([train.loss_mask, queries.loss_mask]),
                             train.source_ids + queries.source_ids)
         fwd_s = forward_seconds(model, both)
-        for site in args.sites.split(","):
+        sites = args.sites.split(",")
+        if task == "synthetic":
+            # The residual site re-runs the upper layers per subset; on the larger model that
+            # takes too long for this benchmark's budget (it is timed on the embedded task).
+            sites = [s for s in sites if s != "residual"]
+        for site in sites:
             row = {"task": task, **run_site(model, train, queries, site, cfg, fwd_s)}
             rows_out.append(row)
             print_table([row], ["task", "site", "n", "K", "Q", "forward_s", "cache_s", "train_s",

@@ -94,8 +94,9 @@ def test_nan_loss_stops_with_a_clear_error(small_corpus):
 
 
 def test_every_config_file_parses():
+    from stride_jax.attributor import AttributeConfig
     from stride_jax.recipes import PretrainConfig as P
-    kinds = {"pretrain": P}
+    kinds = {"pretrain": P, "attribute": AttributeConfig}
     files = sorted(CONFIGS.glob("*.yaml"))
     assert files, "configs/ is empty"
     for f in files:
@@ -104,8 +105,10 @@ def test_every_config_file_parses():
         load_config(kinds[prefix], f)
 
 
-def test_default_config_file_is_the_built_in_default():
+def test_default_config_files_are_the_built_in_defaults():
+    from stride_jax.attributor import AttributeConfig
     assert load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml") == PretrainConfig()
+    assert load_config(AttributeConfig, CONFIGS / "attribute_default.yaml") == AttributeConfig()
 
 
 def test_cli_rejects_a_typo_with_a_suggestion(capsys):
