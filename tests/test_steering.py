@@ -269,3 +269,34 @@ def test_cheap_exact_logprob_change_matches_float64_reference():
         got = delta_logprob(jnp.asarray(base, jnp.float32), jnp.asarray(delta, jnp.float32),
                             jnp.asarray(tgt))
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_training_step_and_measurement_compile_once(setup):
+    """Python-side trace counting: more steps or query batches must not trigger retracing."""
+    _, data, lm, cache = setup
+    design = _design()
+    traces = {"n": 0}
+
+    def counting_head(params, h):
+        traces["n"] += 1  # runs only while JAX traces
+        return lm.head(params, h)
+
+    counted = dataclasses.replace(lm, head=counting_head)
+    train_operators(counted, cache, data, design, SteeringConfig(), SMALL_TRAIN,
+                    key=jax.random.key(0), progress=False)
+    per_run = traces["n"]
+    traces["n"] = 0
+    train_operators(counted, cache, data, design, SteeringConfig(),
+                    dataclasses.replace(SMALL_TRAIN, epochs=6), key=jax.random.key(0),
+                    progress=False)
+    assert traces["n"] == per_run  # 3x the steps, same number of traces
+    params = init_steering(SteeringConfig(), d_reader=32, d_out=V, num_subsets=24,
+                           key=jax.random.key(0))
+    traces["n"] = 0
+    measure_responses(counted, "logits", params["basis"], params["coef"], data.subset(range(20)),
+                      MeasureConfig(query_batch=4, subset_chunk=8))
+    once = traces["n"]
+    traces["n"] = 0
+    measure_responses(counted, "logits", params["basis"], params["coef"], data.subset(range(40)),
+                      MeasureConfig(query_batch=4, subset_chunk=8))
+    assert traces["n"] == once
