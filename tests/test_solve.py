@@ -286,3 +286,15 @@ def test_solve_config_validation():
         SolveConfig(cv_folds=1)
     with pytest.raises(ValueError, match="min_ratio"):
         SolveConfig(min_ratio=0.0)
+
+
+@pytest.mark.parametrize(("n", "p"), [(1000, 64), (1000, 300), (130, 130)])
+def test_working_set_selection_is_exact_top_p(n, p):
+    rng = np.random.default_rng(n + p)
+    g_nq = rng.normal(size=(n, 5)).astype(np.float32)
+    w_nq = ((rng.random((n, 5)) < 0.02) * rng.normal(size=(n, 5))).astype(np.float32)
+    lam_q = (rng.random(5) + 0.5).astype(np.float32)
+    ws = np.asarray(_fista._select(g_nq, w_nq, lam_q, p=p))
+    score = np.where(w_nq != 0, np.inf, np.abs(g_nq) / lam_q).T
+    for q in range(5):
+        assert set(ws[q]) == set(np.argsort(-score[q], kind="stable")[:p])

@@ -116,8 +116,10 @@ class Design:
             raise ValueError("Design.indptr does not match Design.rows (it must be their CSR pointer)")
         for name, arr, dtype in (("rows", rows, np.int32), ("cols", cols, np.int32),
                                  ("indptr", indptr, np.int64)):
-            arr = np.ascontiguousarray(arr, dtype=dtype)
-            arr.setflags(write=False)  # shared by caches: must not change under them
+            # A read-only view: caches (slots, device copies, fingerprint) rely on the arrays
+            # not changing, and the caller's own array keeps its flags.
+            arr = np.ascontiguousarray(arr, dtype=dtype).view()
+            arr.setflags(write=False)
             object.__setattr__(self, name, arr)
         object.__setattr__(self, "num_subsets", K)
         object.__setattr__(self, "num_examples", n)
