@@ -74,7 +74,7 @@ def embedded_task(args):
 
 
 def synthetic_task(args):
-    n = 2000 if args.quick else 10000
+    n = args.synthetic_n or (2000 if args.quick else 10000)
     cfg = ModelConfig(family="llama", vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=2, head_dim=64, intermediate_size=1024,
                       max_position_embeddings=64)
@@ -131,6 +131,7 @@ def main():
     p.add_argument("--sites", default="logits,final_hidden,residual")
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--model", default=None, help="pretrained tiny model dir (else pretrain here)")
+    p.add_argument("--synthetic-n", type=int, default=None, help="training rows of the synthetic task")
     args = p.parse_args()
     cfg = AttributeConfig()
     if args.quick:
@@ -154,14 +155,19 @@ def main():
             rows_out.append(row)
             print_table([row], ["task", "site", "n", "K", "Q", "forward_s", "cache_s", "train_s",
                                 "measure_s", "solve_s", "total_s", "total_over_forward"])
+            _write(args, cfg, rows_out)  # after every row, so a long run keeps what it measured
     print("\nall runs:")
     print_table(rows_out, ["task", "site", "n", "K", "Q", "forward_s", "cache_ratio",
                            "train_ratio", "measure_ratio", "solve_ratio", "total_over_forward"])
-    path = write_results("pipeline", {
+    print(f"results: {_write(args, cfg, rows_out)}")
+
+
+def _write(args, cfg, rows_out):
+    from stride_jax.config import to_dict
+    return write_results("pipeline", {
         "benchmark": "pipeline", "machine": machine_info(), "quick": args.quick,
-        "config": __import__("stride_jax.config", fromlist=["to_dict"]).to_dict(cfg),
+        "args": vars(args), "config": to_dict(cfg),
         "target": "total_over_forward <= 2 for logits and final_hidden", "results": rows_out})
-    print(f"results: {path}")
 
 
 if __name__ == "__main__":
