@@ -168,6 +168,7 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     text = json.dumps(doc, indent=2, sort_keys=False, default=_json_default) + "\n"
     fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=f".{name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
