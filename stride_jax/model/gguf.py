@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from stride_jax.model.config import ModelConfig, RopeScaling
+from stride_jax.model.hf import format_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import gguf
@@ -367,11 +368,9 @@ def tensors_from_gguf(reader, config: ModelConfig, *,
     if unmapped or missing:
         parts = []
         if unmapped:
-            parts.append(f"tensor(s) with no HF counterpart {unmapped[:8]}"
-                         f"{' ...' if len(unmapped) > 8 else ''} ({len(unmapped)} in all)")
+            parts.append(f"tensor(s) with no HF counterpart {format_names(unmapped)}")
         if missing:
-            parts.append(f"missing tensor(s) for {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                         f"({len(missing)} in all)")
+            parts.append(f"missing tensor(s) for {format_names(missing)}")
         raise GGUFError("GGUF tensors do not match a plain Llama: " + "; ".join(parts))
     return out
 

@@ -317,6 +317,12 @@ def weight_rules(config: ModelConfig) -> list[WeightRule]:
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
+def format_names(names: list[str], limit: int = 8) -> str:
+    """``[a, b, ...] (N in all)``: a bounded listing of tensor names for error messages."""
+    more = " ..." if len(names) > limit else ""
+    return f"{names[:limit]}{more} ({len(names)} in all)"
+
+
 def _hf_model_prefix(family: str) -> str:
     return "transformer." if family == "gpt2" else "model."
 
@@ -343,11 +349,9 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
     if missing or unused:
         parts = []
         if missing:
-            parts.append(f"missing weight(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                         f"({len(missing)} in all)")
+            parts.append(f"missing weight(s) {format_names(missing)}")
         if unused:
-            parts.append(f"weight(s) no rule uses {unused[:8]}{' ...' if len(unused) > 8 else ''} "
-                         f"({len(unused)} in all)")
+            parts.append(f"weight(s) no rule uses {format_names(unused)}")
         raise HFWeightsError("checkpoint does not match its config.json: " + "; ".join(parts) +
                              ". Is the checkpoint complete and of the family its config names?")
 
