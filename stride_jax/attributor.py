@@ -92,8 +92,10 @@ class AttributeConfig:
 
 
 def rows_fingerprint(rows: TokenizedSet) -> str:
-    return array_fingerprint(rows.input_ids, rows.attention_mask, rows.loss_mask,
-                             extra=list(rows.ids))
+    arrays = [rows.input_ids, rows.attention_mask, rows.loss_mask]
+    if rows.targets is not None:
+        arrays.append(rows.targets)
+    return array_fingerprint(*arrays, extra=list(rows.ids))
 
 
 class Operators(NamedTuple):

@@ -165,6 +165,94 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def _write_ids(path: Path, task) -> None:
+    import json
+
+    from stride_jax.io.atomic import atomic_write_text
+    atomic_write_text(path, json.dumps({"queries": list(task.queries.ids),
+                                        "train": list(task.train.ids)}) + "\n")
+
+
+def cmd_groundtruth(args) -> int:
+    from stride_jax.config import dump_config
+    from stride_jax.eval.groundtruth import run_groundtruth
+    from stride_jax.eval.suite import TaskConfig, build_task
+
+    cfg = _load(TaskConfig, args)
+    print(f"building the {cfg.kind} task (training its model)")
+    t0 = time.perf_counter()
+    task = build_task(cfg)
+    print(f"  {task.n} training examples, {task.num_queries} queries "
+          f"({time.perf_counter() - t0:.0f} s)")
+    gt = run_groundtruth(task.retrain, n=task.n, num_queries=task.num_queries, cfg=cfg.groundtruth,
+                         out_dir=args.out, stamp=task.stamp, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    _write_ids(args.out / "ids.json", task)
+    dump_config(cfg, args.out / "task.yaml")
+    spread = float(gt.losses_sq.std(0).mean())
+    print(f"ground truth: {gt.losses_sq.shape[0]} retrains x {task.num_queries} query losses in "
+          f"{args.out} (retrained now: {gt.info.get('retrained', 0)}, mean loss spread over "
+          f"subsets {spread:.4f})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    import json
+
+    from stride_jax.eval.suite import TaskConfig, build_task, run_method
+    from stride_jax.io.atomic import atomic_write_text, save_npy
+
+    cfg = _load(TaskConfig, args)
+    task = build_task(cfg)
+    res = run_method(args.method, task, cfg, workdir=args.out / "stride" if args.method == "stride"
+                     else None, progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_npy(args.out / "scores.npy", res.scores_qn)
+    _write_ids(args.out / "ids.json", task)
+    atomic_write_text(args.out / "timing.json", json.dumps(
+        {"method": args.method, "task": cfg.kind, "seconds": res.seconds, **res.info}) + "\n")
+    print(f"{args.method} on {cfg.kind}: scores {res.scores_qn.shape} in {res.seconds:.1f} s -> "
+          f"{args.out / 'scores.npy'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    import numpy as np
+
+    from stride_jax.eval.groundtruth import load_groundtruth
+    from stride_jax.eval.metrics import lds
+    from stride_jax.io.atomic import atomic_write_text
+
+    if not args.scores.is_file():
+        raise FileNotFoundError(f"no scores file {args.scores}; pass the scores.npy written by "
+                                f"`stride-jax attribute` or `stride-jax score`")
+    scores = np.load(args.scores, allow_pickle=False)
+    gt = load_groundtruth(args.groundtruth)
+    S, n = gt.masks_sn.shape
+    Q = gt.losses_sq.shape[1]
+    if scores.ndim != 2 or scores.shape != (Q, n):
+        raise ValueError(f"{args.scores} holds scores of shape {scores.shape} but the ground "
+                         f"truth in {args.groundtruth} is over {Q} queries x {n} training "
+                         f"examples: score the same queries and training set (same order)")
+    ids_s, ids_g = args.scores.parent / "ids.json", args.groundtruth / "ids.json"
+    if ids_s.is_file() and ids_g.is_file():
+        a, b = json.loads(ids_s.read_text()), json.loads(ids_g.read_text())
+        for part in ("queries", "train"):
+            if a.get(part) != b.get(part):
+                raise ValueError(f"the {part} ids next to {args.scores} differ from those of the "
+                                 f"ground truth ({ids_g}): the scores are for other data or "
+                                 f"another order")
+    result = lds(scores, gt.masks_sn, gt.losses_sq, bootstrap=args.bootstrap)
+    print(result.format())
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps({"scores": str(args.scores),
+                                                 "groundtruth": str(args.groundtruth),
+                                                 "lds": result.to_dict()}, indent=1) + "\n")
+    return 0
+
+
 def cmd_export_smollm2(args) -> int:
     from stride_jax.model.gguf import export_gguf_to_hf
     out = export_gguf_to_hf(args.gguf, args.out)
@@ -211,6 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warn instead of failing on HF config keys stride-jax does not know")
     _add_config_args(p)
     p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("groundtruth", help="build an evaluation task and retrain it on random "
+                                           "subsets (resumable)")
+    p.add_argument("--out", type=Path, required=True, help="ground-truth directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a ground truth made with other arguments")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_groundtruth)
+
+    p = sub.add_parser("score", help="scores of one method (stride or a baseline) on a task")
+    p.add_argument("--method", required=True,
+                   help="stride, influence, trak, logra, tracin, graddot, repsim or bm25")
+    p.add_argument("--out", type=Path, required=True, help="output directory (scores.npy)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", help="Linear Datamodeling Score of a scores file")
+    p.add_argument("--scores", type=Path, required=True, help="scores.npy [queries, train]")
+    p.add_argument("--groundtruth", type=Path, required=True, help="ground-truth directory")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export-smollm2", help="write the bundled SmolLM2-135M GGUF as an HF directory")
     p.add_argument("--out", type=Path, required=True, help="output model directory")

@@ -71,12 +71,14 @@ def test_lds_ci_contains_mean_and_narrows():
 
 def test_lds_undefined_queries_and_report():
     true_w, masks, losses = _planted(q=5)
-    true_w[2] = 0.0  # constant predicted effect: Spearman undefined
+    true_w[2] = 0.0  # constant prediction: no information, counted as 0 (not dropped)
+    losses[:, 3] = 1.5  # constant retrained loss: no ground truth, dropped
     r = lds(true_w, masks, losses)
-    assert np.isnan(r.per_query[2]) and r.num_queries == 4
+    assert r.per_query[2] == 0.0
+    assert np.isnan(r.per_query[3]) and r.num_queries == 4
     assert r.mean == pytest.approx(np.nanmean(r.per_query))
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["per_query"][2] is None and d["num_subsets"] == 150
+    assert d["per_query"][3] is None and d["num_subsets"] == 150
     text = str(r)
     assert text.startswith("LDS ") and "95% CI" in text and "4 queries" in text
     assert "150 subsets" in text

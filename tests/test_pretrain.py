@@ -95,8 +95,9 @@ def test_nan_loss_stops_with_a_clear_error(small_corpus):
 
 def test_every_config_file_parses():
     from stride_jax.attributor import AttributeConfig
+    from stride_jax.eval.suite import TaskConfig
     from stride_jax.recipes import PretrainConfig as P
-    kinds = {"pretrain": P, "attribute": AttributeConfig}
+    kinds = {"pretrain": P, "attribute": AttributeConfig, "task": TaskConfig}
     files = sorted(CONFIGS.glob("*.yaml"))
     assert files, "configs/ is empty"
     for f in files:

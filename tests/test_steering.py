@@ -115,7 +115,8 @@ def test_vmap_over_subsets_equals_a_loop(setup, site):
     coef = jax.random.normal(key, params["coef"].shape) * 0.1
     cache_d = {"reader": jnp.asarray(cache.reader), "final": jnp.asarray(cache.final)}
     data_d = {"input_ids": jnp.asarray(data.input_ids),
-              "attention_mask": jnp.asarray(data.attention_mask)}
+              "attention_mask": jnp.asarray(data.attention_mask),
+              "targets": jnp.asarray(data.target_ids())}
     rows = jnp.arange(5)
     pos = jnp.tile(jnp.arange(4), (5, 1))
     r = gather_rows(cache_d, data_d, rows, pos, jnp.ones((5, 4)), site)

@@ -38,6 +38,10 @@ class TokenizedSet:
         i.e. with ``logits`` of shape ``[n, L, V]`` use ``logits[:, :-1]``, targets
         ``input_ids[:, 1:]`` and weights ``loss_mask[:, :-1]``.
       source_ids: ``n`` ids of the document each row came from.
+      targets: optional int32 ``[n, L]``: the id predicted at each position, for models whose
+        targets are not the next input token (a classifier attributed in place, where a row is
+        one example ``[[example_index]]`` with target ``[[label]]``). ``None`` (language models):
+        ``targets[:, t] = input_ids[:, t + 1]``. See :meth:`target_ids`.
     """
 
     ids: list[str]
@@ -45,6 +49,7 @@ class TokenizedSet:
     attention_mask: np.ndarray
     loss_mask: np.ndarray
     source_ids: list[str]
+    targets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -54,6 +59,9 @@ class TokenizedSet:
                 raise ValueError(
                     f"TokenizedSet.{name} has shape {a.shape}; expected [{n}, seq_len] like input_ids"
                 )
+        if self.targets is not None and self.targets.shape != self.input_ids.shape:
+            raise ValueError(f"TokenizedSet.targets has shape {self.targets.shape}; expected "
+                             f"{self.input_ids.shape} like input_ids")
         if len(self.source_ids) != n:
             raise ValueError(f"TokenizedSet.source_ids has {len(self.source_ids)} entries; expected {n}")
 
@@ -63,6 +71,15 @@ class TokenizedSet:
     @property
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def target_ids(self) -> np.ndarray:
+        """int32 ``[n, L]``: the id scored at each position (the next token unless ``targets``).
+
+        For language models the last column wraps around to column 0; it is never scored.
+        """
+        if self.targets is not None:
+            return self.targets
+        return np.concatenate([self.input_ids[:, 1:], self.input_ids[:, :1]], axis=1)
 
     @property
     def num_targets(self) -> np.ndarray:
@@ -78,6 +95,7 @@ class TokenizedSet:
             attention_mask=self.attention_mask[idx],
             loss_mask=self.loss_mask[idx],
             source_ids=[self.source_ids[i] for i in idx],
+            targets=None if self.targets is None else self.targets[idx],
         )
 
 

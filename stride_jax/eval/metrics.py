@@ -180,9 +180,12 @@ def lds(scores_qn: np.ndarray, masks_sn: np.ndarray, losses_sq: np.ndarray, *,
         LDS       = mean_q LDS(q)
 
     The loss is negated because a positive score means the example *lowers* the loss, so good
-    scores predict a large ``g`` where the loss is small (LDS near +1). ``LDS(q)`` is NaN when
-    either side is constant over the subsets (e.g. all-zero scores); such queries are left out
-    of the mean, std and the percentile-bootstrap CI over queries (:func:`summarize`).
+    scores predict a large ``g`` where the loss is small (LDS near +1). A query whose
+    *predictions* are constant over the subsets (all-zero scores, an empty Lasso solution)
+    predicts nothing: it scores ``LDS(q) = 0`` and stays in the mean, because leaving it out
+    would reward a method for abstaining on its hardest queries. A query whose retrained *losses* are constant has no ground truth:
+    ``LDS(q)`` is NaN and it is left out of the mean, std and the percentile-bootstrap CI over
+    queries (:func:`summarize`).
 
     Reference: Park et al. 2023, "TRAK: Attributing Model Behavior at Scale", Sec. 2.2.
     """
@@ -192,10 +195,16 @@ def lds(scores_qn: np.ndarray, masks_sn: np.ndarray, losses_sq: np.ndarray, *,
     _validate_lds(scores_qn, masks_sn, losses_sq)
     pred_sq = masks_sn.astype(np.float64) @ scores_qn.astype(np.float64).T
     per_query = spearman(pred_sq, -losses_sq.astype(np.float64), axis=0)
+    flat_pred = np.all(pred_sq == pred_sq[:1], axis=0)
+    flat_loss = np.all(losses_sq == losses_sq[:1], axis=0)
+    per_query[flat_pred & ~flat_loss] = 0.0
+    if flat_pred.any():
+        logger.info("constant predictions (e.g. all-zero scores) for queries %s: counted as "
+                    "LDS 0", _first(np.flatnonzero(flat_pred)))
     undefined = np.flatnonzero(np.isnan(per_query))
     if undefined.size:
-        logger.warning("LDS is undefined (constant predictions or losses over subsets) for "
-                       "queries %s; they are left out of the mean", _first(undefined))
+        logger.warning("LDS is undefined (constant retrained losses) for queries %s; they are "
+                       "left out of the mean", _first(undefined))
     summ = summarize(per_query, bootstrap=bootstrap, confidence=confidence, seed=seed)
     return LDSResult(per_query=per_query, mean=summ.mean, std=summ.std, ci_low=summ.ci_low,
                      ci_high=summ.ci_high, num_queries=summ.n, num_subsets=masks_sn.shape[0],

@@ -63,10 +63,9 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (cfg.query_batch, T))
 
     @jax.jit
-    def base(ids, mask, loss_mask):
+    def base(ids, mask, targets, loss_mask):
         reader, final = lm.features(lm.params, ids, mask)
-        rows = Rows(reader, final,
-                    jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1), loss_mask, pos, ids, mask)
+        rows = Rows(reader, final, targets, loss_mask, pos, ids, mask)
         logp = jax.nn.log_softmax(lm.head(lm.params, final).astype(jnp.float32), axis=-1)
         tgt = jnp.take_along_axis(logp, rows.target[..., None], axis=-1)[..., 0]
         base_loss = -jnp.sum(tgt * loss_mask, 1) / jnp.maximum(loss_mask.sum(1), 1.0)
@@ -87,6 +86,7 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
 
         return jax.vmap(one, out_axes=1)(coef_src)   # [B, S]
 
+    targets = queries.target_ids()
     y = np.zeros((Q, K), np.float32)
     base_loss = np.zeros((Q,), np.float32)
     bar = None
@@ -99,6 +99,7 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
         idx = np.arange(start, start + cfg.query_batch) % Q   # fixed shape: wrap the last batch
         rows, logp, bl = base(jnp.asarray(queries.input_ids[idx]),
                               jnp.asarray(queries.attention_mask[idx]),
+                              jnp.asarray(targets[idx]),
                               jnp.asarray(queries.loss_mask[idx], jnp.float32))
         base_loss[start:stop] = np.asarray(bl)[: stop - start]
         for c in range(n_chunks):

@@ -167,12 +167,17 @@ def num_steps(n_rows: int, optim: OptimConfig) -> int:
     return max(1, math.ceil(optim.epochs * n_rows / optim.batch_size))
 
 
-def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW, warmup then cosine to ``min_lr_ratio * lr``; decay only on >= 2-D parameters."""
+def lr_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to ``learning_rate``, then cosine decay to ``min_lr_ratio * learning_rate``."""
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=optim.learning_rate * optim.min_lr_ratio)
+
+
+def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on :func:`lr_schedule`; decay only on >= 2-D parameters."""
+    schedule = lr_schedule(optim, total_steps)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,

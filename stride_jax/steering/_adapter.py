@@ -41,6 +41,7 @@ class LMFunctions:
     layer: int
     num_layers: int
     fingerprint: str = ""
+    input_vocab_size: int | None = None   # when inputs index another table than the outputs
 
 
 def from_causal_lm(model: CausalLM, layer: int) -> LMFunctions:

@@ -48,10 +48,16 @@ def check_rows_fit(lm: LMFunctions, data: TokenizedSet, what: str) -> None:
     if data.seq_len > lm.max_len:
         raise ValueError(f"{what} rows have {data.seq_len} tokens but the model's context is "
                          f"{lm.max_len}; re-tokenize with seq_len <= {lm.max_len}")
-    if len(data) and int(data.input_ids.max()) >= lm.vocab_size:
+    in_vocab = lm.input_vocab_size or lm.vocab_size
+    if len(data) and int(data.input_ids.max()) >= in_vocab:
         raise ValueError(f"{what} token ids reach {int(data.input_ids.max())} but the model's "
-                         f"vocabulary has {lm.vocab_size} entries: the tokenizer does not match the "
+                         f"vocabulary has {in_vocab} entries: the tokenizer does not match the "
                          f"model; use the tokenizer saved with the model")
+    if len(data) and data.targets is not None:
+        scored = data.targets[data.loss_mask > 0]
+        if scored.size and (scored.min() < 0 or scored.max() >= lm.vocab_size):
+            raise ValueError(f"{what} targets must lie in 0 .. {lm.vocab_size - 1} (the model's "
+                             f"output classes); found {int(scored.min())} .. {int(scored.max())}")
 
 
 def build_cache(lm: LMFunctions, data: TokenizedSet, *, batch_size: int = 64,

@@ -216,11 +216,11 @@ def gather_rows(cache: dict[str, jax.Array], data: dict[str, jax.Array], rows, p
     """Gather cached activations (and, for the residual site, whole rows) at sampled positions."""
     final = jnp.take(cache["final"], rows, axis=0)
     reader_full = jnp.take(cache["reader"], rows, axis=0)
-    ids = jnp.take(data["input_ids"], rows, axis=0)
-    target = jnp.take_along_axis(jnp.concatenate([ids[..., 1:], ids[..., :1]], axis=-1), pos, axis=-1)
+    target = jnp.take_along_axis(jnp.take(data["targets"], rows, axis=0), pos, axis=-1)
     if site == "residual":
         reader = reader_full
-        row_ids, row_mask = ids, jnp.take(data["attention_mask"], rows, axis=0)
+        row_ids = jnp.take(data["input_ids"], rows, axis=0)
+        row_mask = jnp.take(data["attention_mask"], rows, axis=0)
     else:
         reader = _take_positions(reader_full, pos)
         row_ids = row_mask = jnp.zeros(rows.shape + (0,), jnp.int32)
@@ -323,7 +323,8 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     sampler = make_sampler(members, sizes, data.loss_mask, cfg, key=k_rows)
     cache_d = {"reader": jnp.asarray(cache.reader), "final": jnp.asarray(cache.final)}
     data_d = {"input_ids": jnp.asarray(data.input_ids),
-              "attention_mask": jnp.asarray(data.attention_mask)}
+              "attention_mask": jnp.asarray(data.attention_mask),
+              "targets": jnp.asarray(data.target_ids())}
 
     # Linearity: a fixed probe batch and the sketched design M R (K x q).
     lin_on = cfg.weight_linearity > 0
