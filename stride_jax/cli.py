@@ -228,7 +228,11 @@ def cmd_evaluate(args) -> int:
     if not args.scores.is_file():
         raise FileNotFoundError(f"no scores file {args.scores}; pass the scores.npy written by "
                                 f"`stride-jax attribute` or `stride-jax score`")
-    scores = np.load(args.scores, allow_pickle=False)
+    try:
+        scores = np.load(args.scores, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{args.scores} is not a .npy array of scores ({e}); pass the scores.npy "
+                         f"written by `stride-jax attribute` or `stride-jax score`") from None
     gt = load_groundtruth(args.groundtruth)
     S, n = gt.masks_sn.shape
     Q = gt.losses_sq.shape[1]
