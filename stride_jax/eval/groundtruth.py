@@ -124,8 +124,9 @@ def run_groundtruth(retrain: RetrainFn, *, n: int, num_queries: int, cfg: Ground
                 (out / "losses.npy").is_file():
             losses = load_npy(out / "losses.npy")
             if losses.shape[0] >= S:
+                info = json.loads((out / "groundtruth.json").read_text())
                 return GroundTruth(load_npy(out / "masks.npy")[:S], losses[:S],
-                                   json.loads((out / "groundtruth.json").read_text()))
+                                   dict(info, retrained=0))
         (out / "chunks").mkdir(parents=True, exist_ok=True)
         for f in sorted((out / "chunks").glob("*.npy")):
             a = load_npy(f)
