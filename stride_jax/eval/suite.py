@@ -34,7 +34,9 @@ class BaselineConfig:
 
     trak_dim: int = option(2048, "TRAK projection dimension k")
     logra_rank: int = option(16, "LoGra projection rank per side of each layer")
-    damping: float | None = option(None, "Fisher/Gram damping; null: 0.1 x mean eigenvalue")
+    damping: float | None = option(None, "Fisher/Gram damping; null: damping_fraction x the mean "
+                                         "eigenvalue")
+    damping_fraction: float = option(0.1, "relative damping used when damping is null")
     chunk: int = option(32, "examples per per-example-gradient chunk")
     repsim_layer: Literal["final", "reader"] = option("final", "hidden state compared by repsim")
 
@@ -100,14 +102,14 @@ def run_method(method: str, task: Task, cfg: TaskConfig, *, workdir=None,
         info = {"num_subsets": att.num_subsets, "layer": lm.layer,
                 "nonzeros_per_query": float((scores != 0).sum(1).mean())}
     elif method == "influence":
-        scores = G.influence(task.example_loss, task.params, damping=b.damping, chunk=b.chunk,
-                             **common)
+        scores = G.influence(task.example_loss, task.params, damping=b.damping,
+                             damping_fraction=b.damping_fraction, chunk=b.chunk, **common)
     elif method == "trak":
         scores = G.trak(task.example_loss, task.params, proj_dim=b.trak_dim, damping=b.damping,
-                        key=key, chunk=b.chunk, **common)
+                        damping_fraction=b.damping_fraction, key=key, chunk=b.chunk, **common)
     elif method == "logra":
         scores = G.logra(task.example_loss, task.params, rank=b.logra_rank, damping=b.damping,
-                         key=key, chunk=b.chunk, **common)
+                         damping_fraction=b.damping_fraction, key=key, chunk=b.chunk, **common)
     elif method == "tracin":
         scores = G.tracin(task.example_loss, task.checkpoints, weights=task.checkpoint_lrs,
                           chunk=b.chunk, **common)
