@@ -257,6 +257,36 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_counterfactual(args) -> int:
+    import json
+
+    import numpy as np
+
+    from stride_jax.eval.metrics import counterfactual_summary
+    from stride_jax.eval.suite import TaskConfig, build_task, counterfactual
+    from stride_jax.io.atomic import atomic_write_text
+
+    cfg = _load(TaskConfig, args)
+    scores = np.load(args.scores, allow_pickle=False)
+    task = build_task(cfg)
+    if scores.shape != (task.num_queries, task.n):
+        raise ValueError(f"{args.scores} has shape {scores.shape}; the {cfg.kind} task has "
+                         f"{task.num_queries} queries x {task.n} training examples")
+    k = int(args.k) if args.k >= 1 else max(1, int(round(args.k * task.n)))
+    queries = np.arange(min(args.queries, task.num_queries))
+    got = counterfactual(task, scores, k=k, queries=queries, num_random=args.random)
+    summary = counterfactual_summary(got["base"], got["top"], got["random"])
+    print(f"removing each query's top-{k} examples raises its loss by "
+          f"{summary['mean_increase_top']:.4f} on average; removing {k} random examples by "
+          f"{summary['mean_increase_random']:.4f} ({len(queries)} queries, difference "
+          f"{summary['mean_difference']:.4f}, 95% CI {summary['difference_ci_low']:.4f} .. "
+          f"{summary['difference_ci_high']:.4f})")
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps({"k": k, **summary}, indent=1,
+                                                default=float) + "\n")
+    return 0
+
+
 def cmd_export_smollm2(args) -> int:
     from stride_jax.model.gguf import export_gguf_to_hf
     out = export_gguf_to_hf(args.gguf, args.out)
@@ -325,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("counterfactual", help="retrain without each query's top-k examples "
+                                              "and without k random ones")
+    p.add_argument("--scores", type=Path, required=True, help="scores.npy of the task's queries")
+    p.add_argument("--k", type=float, default=0.05,
+                   help="examples removed: a count (>= 1) or a fraction of n (< 1)")
+    p.add_argument("--queries", type=int, default=20, help="first queries evaluated")
+    p.add_argument("--random", type=int, default=4, help="random removals to average")
+    p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_counterfactual)
 
     p = sub.add_parser("export-smollm2", help="write the bundled SmolLM2-135M GGUF as an HF directory")
     p.add_argument("--out", type=Path, required=True, help="output model directory")

@@ -63,6 +63,9 @@ def test_cli_groundtruth_score_evaluate(tmp_path, capsys):
                  "--json", str(tmp_path / "lds.json")]) == 0
     assert capsys.readouterr().out.startswith("LDS ")
     assert json.loads((tmp_path / "lds.json").read_text())["lds"]["num_subsets"] == 12
+    assert main(["counterfactual", "--scores", str(sc / "scores.npy"), "--k", "10",
+                 "--queries", "3", "--random", "2", *TINY]) == 0
+    assert "removing each query's top-10 examples" in capsys.readouterr().out
     # A rerun of the ground truth is loaded, not retrained.
     assert main(["-q", "groundtruth", "--out", str(gt), *TINY]) == 0
     assert "retrained now: 0" in capsys.readouterr().out
