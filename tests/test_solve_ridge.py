@@ -208,9 +208,7 @@ def test_same_folds_as_lasso_cv(small):
     ("kwargs", "match"),
     [
         (dict(estimator="elastic"), "estimator must be 'lasso', 'ridge' or 'auto'"),
-        (dict(estimator="auto", lam=1.0), "needs lam=null"),
         (dict(estimator="ridge", lam_rule="support"), "needs lam_rule='cv'"),
-        (dict(estimator="auto", lam_rule="support"), "needs lam_rule='cv'"),
         (dict(ridge_grid_size=0), "ridge_grid_size"),
         (dict(ridge_ratio_min=0.0), "ridge_ratio_min"),
         (dict(ridge_ratio_min=10.0, ridge_ratio_max=1.0), "ridge_ratio_min <= ridge_ratio_max"),
@@ -220,6 +218,15 @@ def test_same_folds_as_lasso_cv(small):
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SolveConfig(**kwargs)
+
+
+def test_auto_with_a_lasso_penalty_is_the_lasso(small):
+    design, y_qk = small
+    for kw in (dict(lam=1e-3), dict(lam_rule="support", target_support=5)):
+        a = solve(design, y_qk, SolveConfig(estimator="auto", **kw), key=jax.random.key(0))
+        b = solve(design, y_qk, SolveConfig(estimator="lasso", **kw), key=jax.random.key(0))
+        np.testing.assert_array_equal(a.w_qn, b.w_qn)
+        assert set(a.info["estimator_q"]) == {"lasso"}
 
 
 def test_ridge_validation(small):

@@ -8,8 +8,11 @@ Estimators (``SolveConfig.estimator``), per query q, intercept b_q unpenalised i
   subsets (:mod:`._ridge`); alpha_q = ``lam`` when given, else chosen by cross-validation over
   the subsets on a grid relative to the mean eigenvalue of the centred subset Gram. Suits dense
   influence.
-* ``auto``: both cross-validations on the same folds of subsets (same ``key``); each query keeps
-  the estimator with the lower held-out squared error (ties go to the Lasso).
+* ``auto`` (default): both cross-validations on the same folds of subsets (same ``key``); each
+  query keeps the estimator with the lower held-out squared error (ties go to the Lasso). With a
+  fixed ``lam`` or ``lam_rule='support'`` it is the Lasso. Measured on the faithfulness tasks:
+  the digits MLP's influence is sparse (Lasso LDS .35, ridge .19, auto .35), the language
+  models' is dense (Lasso .07/.09, ridge .18/.23, auto .17/.22).
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ class SolveConfig:
     Lasso, ridge, or whichever of the two cross-validates better (``estimator``)."""
 
     estimator: Literal["lasso", "ridge", "auto"] = option(
-        "lasso", "per-query estimator: 'lasso' (sparse influence), 'ridge' (dense influence; "
+        "auto", "per-query estimator: 'lasso' (sparse influence), 'ridge' (dense influence; "
                  "exact, closed form) or 'auto' (cross-validate both on the same subset folds, "
-                 "keep the lower held-out error per query; needs lam=null and lam_rule='cv')")
+                 "keep the lower held-out error per query; with a fixed lam or lam_rule="
+                 "'support' it is the Lasso)")
     solver: Literal["fista", "jaxopt"] = option(
         "fista", "Lasso solver: our working-set FISTA, or jaxopt's ProximalGradient (reference)")
     lam: float | None = option(
@@ -78,11 +82,7 @@ class SolveConfig:
             raise ValueError(f"solver must be 'fista' or 'jaxopt', got {self.solver!r}")
         if self.lam_rule not in ("cv", "support"):
             raise ValueError(f"lam_rule must be 'cv' or 'support', got {self.lam_rule!r}")
-        if self.estimator == "auto" and self.lam is not None:
-            raise ValueError(
-                "estimator='auto' chooses lasso or ridge by cross-validation and needs lam=null "
-                f"(got lam={self.lam}); for a fixed penalty pick estimator='lasso' or 'ridge'")
-        if self.estimator != "lasso" and self.lam is None and self.lam_rule != "cv":
+        if self.estimator == "ridge" and self.lam is None and self.lam_rule != "cv":
             raise ValueError(
                 f"estimator={self.estimator!r} chooses its penalty by cross-validation and needs "
                 f"lam_rule='cv' (got {self.lam_rule!r}); 'support' applies to the Lasso only")
@@ -142,6 +142,8 @@ def solve(design: Design, y_qk: Any, cfg: SolveConfig = SolveConfig(), *,
     common = dict(fit_intercept=cfg.fit_intercept, max_iter=cfg.max_iter, tol=cfg.tol,
                   query_chunk=cfg.query_chunk)
     est = cfg.estimator
+    if est == "auto" and (cfg.lam is not None or cfg.lam_rule == "support"):
+        est = "lasso"  # a fixed lam or a support target is a Lasso penalty: nothing to choose
     info: dict[str, Any] = {"solver": cfg.solver, "estimator": est}
     t0 = time.perf_counter()
     use_lasso = est != "ridge"
