@@ -6,7 +6,10 @@ applies dotted overrides to the task config, runs one method through
 from the trained model to the scores, compile time included) and is scored by
 :func:`stride_jax.eval.metrics.lds`. Every finished row is written to ``--out`` at once
 (atomically), so a killed sweep keeps its rows; a rerun skips the variants already recorded with
-the same method and overrides (``--rerun`` repeats them).
+the same method, overrides and resolved config (``--rerun`` repeats them). Each row stores the
+config it resolved to and the git commit: if the library's defaults changed since a row was
+recorded, the same overrides run again and the old row is kept (as ``name@old`` when the new row
+takes its name, flagged ``superseded``).
 
 Variants are strings of whitespace-separated ``key=value`` tokens:
 
@@ -122,6 +125,32 @@ def variant_key(v: dict[str, Any]) -> tuple:
     return (v.get("method", "stride"), tuple(sorted(v.get("overrides", []))))
 
 
+def resolved_config(cfg: TaskConfig, method: str) -> dict[str, Any]:
+    """What the method actually ran with: the overrides on top of the *current* defaults."""
+    if method == "stride":
+        return to_dict(cfg.stride)
+    return {**to_dict(cfg.baselines), "seed": cfg.seed}
+
+
+def config_key(method: str, config: dict[str, Any] | None) -> tuple:
+    return (method, json.dumps(config, sort_keys=True, default=str))
+
+
+def code_version() -> dict[str, Any]:
+    """Git commit of the library and whether stride_jax/ has uncommitted changes."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "stride_jax"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip() != ""
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
 # ----------------------------------------------------------------------------------------------
 # Results file
 # ----------------------------------------------------------------------------------------------
@@ -232,17 +261,23 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.out} already has a row named {r['name']!r} with other "
                              f"overrides ({r['overrides']}); pick another name")
 
-    done = {variant_key(r): r["name"] for r in doc["rows"]}
+    # A variant is skipped when a row has the same method, overrides *and* resolved config: if
+    # the library's defaults changed since a row was recorded, the same overrides mean another
+    # configuration, so the variant runs again and the old row is kept under "name@old".
+    # (Fails fast on bad overrides before the slow task build.)
     todo = []
     for v in variants:
-        k = variant_key(v)
-        if k in done and not args.rerun:
-            print(f"skip {v['name']!r}: already recorded as {done[k]!r}")
-        elif v not in todo:
+        cfg = load_config(TaskConfig, args.config, v["overrides"])
+        v["_config_key"] = config_key(v["method"], resolved_config(cfg, v["method"]))
+        same = [r for r in doc["rows"] if variant_key(r) == variant_key(v)]
+        match = [r for r in same if config_key(r["method"], r.get("config")) == v["_config_key"]]
+        if match and not args.rerun:
+            print(f"skip {v['name']!r}: already recorded as {match[0]['name']!r}")
+            continue
+        if same and not match:
+            print(f"rerun {v['name']!r}: recorded as {same[0]['name']!r} with other defaults")
+        if all(t["name"] != v["name"] for t in todo):
             todo.append(v)
-    # Fail fast on bad overrides before the (slow) task build.
-    for v in todo:
-        load_config(TaskConfig, args.config, v["overrides"])
 
     base_cfg = load_config(TaskConfig, args.config)
     gt = load_groundtruth(args.groundtruth)
@@ -272,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if gt.masks_sn.shape[1] != task.n or gt.losses_sq.shape[1] != task.num_queries:
         raise SystemExit("ground truth and task disagree on n or the number of queries")
     doc["task_stamp"] = task.stamp
+    code = code_version()
     if not args.no_warmup:
         t0 = time.perf_counter()
         run_method("stride", task, load_config(TaskConfig, args.config, ["stride.train.epochs=1"]))
@@ -296,15 +332,27 @@ def main(argv: list[str] | None = None) -> int:
                "other_cpu": load.fraction,
                "info": {k: val for k, val in res.info.items()
                         if k not in ("num_subsets", "nonzeros_per_query")},
-               "config": to_dict(cfg.stride) if v["method"] == "stride" else to_dict(cfg.baselines),
+               "config": resolved_config(cfg, v["method"]),
+               "code": code,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         print(f"    {result.format()}  {res.seconds:.1f} s  nnz/query {nnz:.1f}"
               f"{'' if load.fraction is None else f'  other cpu {load.fraction:.2f}'}",
               flush=True)
         if args.save_scores is not None:
             save_npy(args.save_scores / f"{v['name'].replace('/', '_')}.npy", res.scores_qn)
-        k = variant_key(v)
-        doc["rows"] = [r for r in doc["rows"] if variant_key(r) != k] + [row]
+        kept = []
+        for r in doc["rows"]:
+            if variant_key(r) != variant_key(v):
+                kept.append(r)
+            elif config_key(r["method"], r.get("config")) != v["_config_key"]:
+                # recorded under older defaults: kept for the history (renamed if the new row
+                # takes its name)
+                old = dict(r, superseded=True)
+                if old["name"] == v["name"]:
+                    old["name"] += "@old"
+                kept = [x for x in kept if x["name"] != old["name"]] + [old]
+            # else: a --rerun of the same configuration replaces the row
+        doc["rows"] = kept + [row]
         write_doc(args.out, doc)
 
     print_summary(doc["rows"], args.reference)
