@@ -76,6 +76,7 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
     except ModuleNotFoundError:
         print("matplotlib is not installed (pip install -e .[eval]); no plot written")
         return None
@@ -92,6 +93,7 @@ def plot(results: dict, path: Path) -> Path | None:
             ax.annotate(m, (r["seconds"], r["lds"]["mean"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("wall time (s, log scale)")
         ax.set_ylabel("LDS (mean over queries, 95% CI)")
         ax.set_title(f"{t} (n={results['tasks'][t]['n']}, "
@@ -123,12 +125,20 @@ def main() -> None:
     ap.add_argument("--damping-fractions", default="0.1,1e-3,1e-2,1,10,100,1000",
                     help="relative dampings tried for influence/trak/logra (the first, the "
                          "default, is timed); the best LDS is reported")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw the plot from an existing results JSON and exit")
     args = ap.parse_args()
+    if args.plot_only:
+        print(plot(json.loads((RESULTS_DIR / f"{args.name}.json").read_text()),
+                   RESULTS_DIR / f"{args.name}.png"))
+        return
     fracs = [float(f) for f in args.damping_fractions.split(",")]
     from stride_jax.cli import enable_compilation_cache
     enable_compilation_cache(ROOT / "runs" / "xla_cache")
     import jax
-    device = f"{jax.default_backend()}:{jax.devices()[0].device_kind}"
+    from _common import machine_info
+    m = machine_info()
+    device = f"{jax.default_backend()}: {m['cpu_model']} x {m['cpu_count']}"
     results: dict = {"device": device, "tasks": {}, "argv": sys.argv[1:]}
     table = []
     cf_tasks = set() if args.counterfactual == "none" else set(args.counterfactual.split(","))
