@@ -127,6 +127,7 @@ def run_site(model, train, queries, site: str, cfg: AttributeConfig, fwd_s: floa
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small settings (smoke run)")
+    p.add_argument("--name", default="pipeline", help="results file stem")
     p.add_argument("--tasks", default="embedded,synthetic")
     p.add_argument("--sites", default="logits,final_hidden,residual")
     p.add_argument("--queries", type=int, default=16)
@@ -164,7 +165,7 @@ def main():
 
 def _write(args, cfg, rows_out):
     from stride_jax.config import to_dict
-    return write_results("pipeline", {
+    return write_results(args.name, {
         "benchmark": "pipeline", "machine": machine_info(), "quick": args.quick,
         "args": vars(args), "config": to_dict(cfg),
         "target": "total_over_forward <= 2 for logits and final_hidden", "results": rows_out})
