@@ -216,23 +216,26 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _load_scores(path: Path):
+    """A ``[queries, train]`` scores array from ``.npy``, with errors that say what to pass."""
+    import numpy as np
+    hint = "pass the scores.npy written by `stride-jax attribute` or `stride-jax score`"
+    if not path.is_file():
+        raise FileNotFoundError(f"no scores file {path}; {hint}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a .npy array of scores ({e}); {hint}") from None
+
+
 def cmd_evaluate(args) -> int:
     import json
-
-    import numpy as np
 
     from stride_jax.eval.groundtruth import load_groundtruth
     from stride_jax.eval.metrics import lds
     from stride_jax.io.atomic import atomic_write_text
 
-    if not args.scores.is_file():
-        raise FileNotFoundError(f"no scores file {args.scores}; pass the scores.npy written by "
-                                f"`stride-jax attribute` or `stride-jax score`")
-    try:
-        scores = np.load(args.scores, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{args.scores} is not a .npy array of scores ({e}); pass the scores.npy "
-                         f"written by `stride-jax attribute` or `stride-jax score`") from None
+    scores = _load_scores(args.scores)
     gt = load_groundtruth(args.groundtruth)
     S, n = gt.masks_sn.shape
     Q = gt.losses_sq.shape[1]
@@ -267,7 +270,7 @@ def cmd_counterfactual(args) -> int:
     from stride_jax.io.atomic import atomic_write_text
 
     cfg = _load(TaskConfig, args)
-    scores = np.load(args.scores, allow_pickle=False)
+    scores = _load_scores(args.scores)
     task = build_task(cfg)
     if scores.shape != (task.num_queries, task.n):
         raise ValueError(f"{args.scores} has shape {scores.shape}; the {cfg.kind} task has "
