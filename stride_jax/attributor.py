@@ -46,6 +46,7 @@ from stride_jax.io.atomic import atomic_write_text, save_npy
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
 from stride_jax.measure import MeasureConfig, Responses, measure_responses
 from stride_jax.model.transformer import CausalLM
+from stride_jax.parallel import ParallelConfig, make_mesh
 from stride_jax.solve import SolveConfig, solve
 from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
@@ -88,6 +89,7 @@ class AttributeConfig:
     measure: MeasureConfig = option(MeasureConfig(), "measurement batching")
     solve: SolveConfig = option(SolveConfig(), "sparse recovery")
     data: DataConfig = option(DataConfig(), "tokenization of text inputs (CLI)")
+    parallel: ParallelConfig = option(ParallelConfig(), "devices sharing the subset axis")
     seed: int = option(0, "the one seed of the run")
     topk: int = option(10, "proponents and opponents listed per query in topk.jsonl")
 
@@ -200,6 +202,9 @@ class Attributor:
         self.overwrite = overwrite
         self.progress = progress
         self.root = jax.random.key(config.seed)
+        # Not part of any stamp: the device count changes float rounding only, so a run may be
+        # resumed or reused on another number of devices.
+        self.mesh = make_mesh(config.parallel)
         self._design: Design | None = None
         self._ops: Operators | None = None
         self.history: list[dict] = []
@@ -270,7 +275,7 @@ class Attributor:
             self.lm, cache, self.train, design, self.config.steering, self.config.train,
             key=jax.random.fold_in(self.root, 1),
             checkpoint_dir=None if directory is None else directory / "checkpoints",
-            fingerprint=array_fingerprint(extra=payload), progress=self.progress)
+            fingerprint=array_fingerprint(extra=payload), progress=self.progress, mesh=self.mesh)
         self._ops, self.history = Operators(out.state.basis, out.state.coef), out.history
         if directory is not None:
             self._ops.save(directory / "operators.npz")
@@ -288,9 +293,11 @@ class Attributor:
                    "measure": to_dict(self.config.measure)}
         if directory is not None and open_stage(directory, "responses", payload,
                                                 overwrite=self.overwrite):
-            return Responses(np.load(directory / "y.npy"), np.load(directory / "base_loss.npy"))
+            return Responses(np.load(directory / "y.npy", allow_pickle=False),
+                             np.load(directory / "base_loss.npy", allow_pickle=False))
         res = measure_responses(self.lm, self.config.steering.site, ops.basis, ops.coef,
-                                queries, self.config.measure, progress=self.progress)
+                                queries, self.config.measure, progress=self.progress,
+                                mesh=self.mesh)
         if directory is not None:
             save_npy(directory / "y.npy", res.y_qk)
             save_npy(directory / "base_loss.npy", res.base_loss_q)
@@ -310,9 +317,9 @@ class Attributor:
                    "design": self._stamp("design"), "solve": to_dict(self.config.solve)}
         if directory is not None and open_stage(directory, "solve", payload,
                                                 overwrite=self.overwrite):
-            w = np.load(directory / "scores.npy")
-            lam = np.load(directory / "lambda.npy")
-            b = np.load(directory / "intercept.npy")
+            w = np.load(directory / "scores.npy", allow_pickle=False)
+            lam = np.load(directory / "lambda.npy", allow_pickle=False)
+            b = np.load(directory / "intercept.npy", allow_pickle=False)
         else:
             out = solve(design, y, self.config.solve, key=jax.random.fold_in(self.root, 2))
             w, lam, b = (np.asarray(out.w_qn, np.float32), np.asarray(out.lam_q),

@@ -14,7 +14,7 @@ query's row is computed independently, so results do not depend on the query bat
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ from stride_jax.config import option
 from stride_jax.data import TokenizedSet
 from stride_jax.steering import LMFunctions, basis_features, delta_logprob, logit_shift, shift
 from stride_jax.train import Rows, check_rows_fit, responses
+
+if TYPE_CHECKING:
+    from stride_jax.parallel import SubsetMesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,13 @@ class Responses(NamedTuple):
 
 def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Array,
                       queries: TokenizedSet, cfg: MeasureConfig = MeasureConfig(), *,
-                      progress: bool = False) -> Responses:
-    """``y[q, k]`` for every query and subset (see the module docstring)."""
+                      progress: bool = False, mesh: "SubsetMesh | None" = None) -> Responses:
+    """``y[q, k]`` for every query and subset (see the module docstring).
+
+    With a ``mesh`` each chunk of ``subset_chunk`` operators is split over the devices (the
+    query batch's activations are replicated), so ``subset_chunk`` must be a multiple of the
+    device count.
+    """
     check_rows_fit(lm, queries, "query")
     counts = queries.loss_mask.sum(1)
     if len(queries) == 0:
@@ -57,6 +65,8 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
     Q, T = queries.input_ids.shape
     cfg = dataclasses.replace(cfg, query_batch=min(cfg.query_batch, Q))
     S = min(cfg.subset_chunk, K)
+    if mesh is not None:
+        mesh.check_divides(**{"measure.subset_chunk (or K when smaller)": S})
     n_chunks = -(-K // S)
     coef_pad = jnp.concatenate([coef_krc, jnp.zeros((n_chunks * S - K,) + coef_krc.shape[1:],
                                                     coef_krc.dtype)])
@@ -103,7 +113,10 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
                               jnp.asarray(queries.loss_mask[idx], jnp.float32))
         base_loss[start:stop] = np.asarray(bl)[: stop - start]
         for c in range(n_chunks):
-            out = chunk_response(rows, logp, coef_pad[c * S:(c + 1) * S])
+            coef_c = coef_pad[c * S:(c + 1) * S]
+            if mesh is not None:
+                coef_c = mesh.shard(coef_c)
+            out = chunk_response(rows, logp, coef_c)
             lo, hi = c * S, min((c + 1) * S, K)
             y[start:stop, lo:hi] = np.asarray(out)[: stop - start, : hi - lo]
             if bar is not None:

@@ -54,7 +54,10 @@ class OperatorCheckpointer:
         step = self._manager.latest_step()
         if step is None:
             return None
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), _to_tree(like))
+        # Restore each array with the placement of the live state (sharded over a mesh or not).
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                             sharding=getattr(x, "sharding", None)),
+                              _to_tree(like))
         tree = self._manager.restore(step, args=self._ocp.args.StandardRestore(target))
         return _from_tree(like, tree)
 

@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,9 @@ from stride_jax.data import TokenizedSet
 from stride_jax.steering import (LMFunctions, SteeringConfig, basis_features,
                                  delta_logprob_and_kl, init_steering, logit_shift, shift)
 from stride_jax.train._cache import ActivationCache
+
+if TYPE_CHECKING:
+    from stride_jax.parallel import SubsetMesh
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +280,14 @@ def _weighted_mean(x, w):
 # Training
 # ----------------------------------------------------------------------------------------------
 
+def _place_state(state: OperatorState, mesh: "SubsetMesh") -> OperatorState:
+    """Operators and their Adam moments split over the subset axis; the basis replicated."""
+    return OperatorState(mesh.replicate(state.basis), mesh.shard(state.coef),
+                         mesh.replicate(state.basis_opt), mesh.shard(state.coef_m),
+                         mesh.shard(state.coef_v), mesh.shard(state.coef_count),
+                         mesh.replicate(state.step))
+
+
 class TrainOutput(NamedTuple):
     state: OperatorState
     history: list[dict[str, float]]
@@ -286,7 +297,8 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
                     steering: SteeringConfig, cfg: OperatorTrainConfig, *, key: jax.Array,
                     checkpoint_dir: str | Path | None = None, fingerprint: str = "",
                     progress: bool = True,
-                    on_step: Callable[[int], None] | None = None) -> TrainOutput:
+                    on_step: Callable[[int], None] | None = None,
+                    mesh: "SubsetMesh | None" = None) -> TrainOutput:
     """Train the basis and all K coefficient matrices; resumable from ``checkpoint_dir``.
 
     Args:
@@ -298,6 +310,9 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
       checkpoint_dir: orbax checkpoints of :class:`OperatorState`; an existing one made with the
         same ``fingerprint`` is resumed, one made with another is refused.
       on_step: called with the step index after each step (tests use it to interrupt a run).
+      mesh: split the subset axis over devices (:mod:`stride_jax.parallel`): each device holds
+        ``K / D`` operators with their Adam moments and computes the losses of its share of each
+        step's chunk; None (one device) adds no sharding annotations.
     """
     from stride_jax.train._checkpoint import OperatorCheckpointer
 
@@ -321,11 +336,18 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
 
     members, sizes = padded_members(design)
     schedule = subset_schedule(K, cfg.subsets_per_step, cfg.epochs, key=k_order)
+    if mesh is not None:
+        mesh.check_divides(**{"design.num_subsets": K,
+                              "train.subsets_per_step": int(schedule.shape[1])})
+        state = _place_state(state, mesh)
     sampler = make_sampler(members, sizes, data.loss_mask, cfg, key=k_rows)
     cache_d = {"reader": jnp.asarray(cache.reader), "final": jnp.asarray(cache.final)}
     data_d = {"input_ids": jnp.asarray(data.input_ids),
               "attention_mask": jnp.asarray(data.attention_mask),
               "targets": jnp.asarray(data.target_ids())}
+    if mesh is not None:
+        cache_d, data_d = mesh.replicate(cache_d), mesh.replicate(data_d)
+    by_subset = mesh.constrain if mesh is not None else (lambda x: x)
 
     # Linearity: a fixed probe batch and the sketched design M R (K x q).
     lin_on = cfg.weight_linearity > 0
@@ -382,7 +404,12 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     # Donating the state lets XLA update the [K, r, C] buffers in place.
     @functools.partial(jax.jit, donate_argnums=(0,))
     def train_step(state: OperatorState, chunk_ids, idx: Indices):
-        coef_s = state.coef[chunk_ids]
+        # With a mesh, each device takes its share of the chunk's subsets (rows, positions and
+        # coefficients); the basis gradient is summed across devices by XLA.
+        idx = idx._replace(fid_rows=by_subset(idx.fid_rows), fid_pos=by_subset(idx.fid_pos),
+                           fid_valid=by_subset(idx.fid_valid),
+                           stab_member=by_subset(idx.stab_member))
+        coef_s = by_subset(state.coef[chunk_ids])
         (loss, aux), (g_basis, g_coef) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             state.basis, coef_s, chunk_ids, idx)
         upd, basis_opt = basis_tx.update(g_basis, state.basis_opt, state.basis)
@@ -394,9 +421,10 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
         bc1 = (1 - b1 ** count.astype(jnp.float32))[:, None, None]
         bc2 = (1 - b2 ** count.astype(jnp.float32))[:, None, None]
         new_coef = coef_s - lr * (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-        state = OperatorState(basis, state.coef.at[chunk_ids].set(new_coef), basis_opt,
-                              state.coef_m.at[chunk_ids].set(m), state.coef_v.at[chunk_ids].set(v),
-                              state.coef_count.at[chunk_ids].set(count), state.step + 1)
+        state = OperatorState(basis, by_subset(state.coef.at[chunk_ids].set(new_coef)), basis_opt,
+                              by_subset(state.coef_m.at[chunk_ids].set(m)),
+                              by_subset(state.coef_v.at[chunk_ids].set(v)),
+                              by_subset(state.coef_count.at[chunk_ids].set(count)), state.step + 1)
         return state, loss, aux
 
     ckpt = OperatorCheckpointer(checkpoint_dir, fingerprint) if checkpoint_dir else None
@@ -404,7 +432,7 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     if ckpt is not None:
         restored = ckpt.restore(state)
         if restored is not None:
-            state = restored
+            state = restored if mesh is None else _place_state(restored, mesh)
             start = int(state.step)
             log.info("resuming operator training at step %d of %d", start, len(schedule))
 

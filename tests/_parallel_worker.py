@@ -1,0 +1,88 @@
+"""Run STRIDE on 1 and on 8 (fake CPU) devices in one process; print a JSON report.
+
+Started by tests/test_parallel.py in a fresh interpreter, because the device count is fixed when
+JAX starts (``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import jax
+import numpy as np
+
+from stride_jax.attributor import AttributeConfig, Attributor, DesignConfig
+from stride_jax.data import TokenizedSet
+from stride_jax.measure import MeasureConfig
+from stride_jax.model.config import tiny_llama
+from stride_jax.model.transformer import init_model
+from stride_jax.parallel import ParallelConfig, make_mesh
+from stride_jax.solve import SolveConfig
+from stride_jax.steering import SteeringConfig
+from stride_jax.train import OperatorTrainConfig
+
+
+def rows(n: int, seq: int, vocab: int, seed: int, prefix: str) -> TokenizedSet:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (n, seq)).astype(np.int32)
+    mask = np.ones((n, seq), np.int32)
+    loss = mask.copy()
+    loss[:, -1] = 0
+    names = [f"{prefix}{i}" for i in range(n)]
+    return TokenizedSet(names, ids, mask, loss, names)
+
+
+def run(site: str) -> dict:
+    vocab = 96
+    model = init_model(tiny_llama(vocab_size=vocab, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                  head_dim=16, intermediate_size=64, num_layers=2), seed=0)
+    train, queries = rows(96, 16, vocab, 0, "t"), rows(5, 16, vocab, 1, "q")
+    cfg = AttributeConfig(
+        design=DesignConfig(num_subsets=32, per_example=4),
+        steering=SteeringConfig(site=site, rank=4),
+        train=OperatorTrainConfig(epochs=3, subsets_per_step=16, rows_per_subset=4,
+                                  stability_rows=4, tokens_per_row=8),
+        measure=MeasureConfig(query_batch=4, subset_chunk=16),
+        # A fixed penalty keeps the recovery a continuous function of the responses, so float
+        # rounding cannot flip a cross-validated choice between the two runs.
+        solve=SolveConfig(estimator="lasso", lam=1e-4))
+    report: dict = {"devices": jax.device_count()}
+    outs = {}
+    for devices in (1, 8):
+        c = dataclasses.replace(cfg, parallel=ParallelConfig(devices=devices))
+        att = Attributor(model, train, c, progress=False)
+        ops = att.fit_operators()
+        res = att.measure(queries)
+        out = att.solve(res, queries.ids)
+        outs[devices] = (np.asarray(ops.coef), res.y_qk, out.scores_qn)
+        report[f"coef_sharding_{devices}"] = str(getattr(ops.coef, "sharding", None).spec
+                                                 if devices > 1 else None)
+        report[f"coef_devices_{devices}"] = len(ops.coef.sharding.device_set)
+        if devices > 1:
+            shards = ops.coef.addressable_shards
+            report["coef_shard_shape"] = list(shards[0].data.shape)
+    for name, i in (("coef", 0), ("y", 1), ("scores", 2)):
+        a, b = outs[1][i], outs[8][i]
+        report[f"{name}_max_abs_diff"] = float(np.max(np.abs(a - b)))
+        report[f"{name}_max_abs"] = float(np.max(np.abs(a)))
+    report["scores_nonzero"] = int((outs[1][2] != 0).sum())
+    # A chunk the devices cannot split evenly is refused with the fix named.
+    try:
+        bad = dataclasses.replace(cfg, parallel=ParallelConfig(devices=8),
+                                  train=dataclasses.replace(cfg.train, subsets_per_step=12))
+        Attributor(model, train, bad, progress=False).fit_operators()
+        report["indivisible_error"] = None
+    except ValueError as e:
+        report["indivisible_error"] = str(e)
+    try:
+        make_mesh(ParallelConfig(devices=16))
+        report["too_many_error"] = None
+    except ValueError as e:
+        report["too_many_error"] = str(e)
+    return report
+
+
+if __name__ == "__main__":
+    print("REPORT " + json.dumps({site: run(site) for site in sys.argv[1:]}))
