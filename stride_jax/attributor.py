@@ -92,6 +92,9 @@ class AttributeConfig:
     parallel: ParallelConfig = option(ParallelConfig(), "devices sharing the subset axis")
     seed: int = option(0, "the one seed of the run")
     topk: int = option(10, "proponents and opponents listed per query in topk.jsonl")
+    token_queries: int = option(16, "queries (the first ones) whose per-token attribution of "
+                                    "their listed examples is written to tokens.json (CLI; 0: "
+                                    "none)")
 
 
 def rows_fingerprint(rows: TokenizedSet) -> str:
@@ -332,6 +335,28 @@ class Attributor:
         qids = list(query_ids) if query_ids is not None else [str(i) for i in range(y.shape[0])]
         return Attribution(w, qids, list(self.train.ids), np.asarray(responses.y_qk),
                            np.asarray(responses.base_loss_q), lam, b)
+
+    def token_responses(self, queries: TokenizedSet) -> Responses:
+        """Per-token responses ``y_qtk`` of a few queries (not stored: one measurement pass)."""
+        ops = self.fit_operators()
+        return measure_responses(self.lm, self.config.steering.site, ops.basis, ops.coef,
+                                 queries, self.config.measure, progress=False, mesh=self.mesh,
+                                 per_token=True)
+
+    def token_attribution(self, queries: TokenizedSet, result: Attribution, decode,
+                          k: int | None = None) -> dict:
+        """``tokens.json`` payload: for each query, which of its tokens each listed example moved
+        (:mod:`stride_jax.apps.tokens`). ``decode`` maps a list of token ids to text."""
+        from stride_jax.apps.tokens import token_report
+        k = self.config.topk if k is None else k
+        res = self.token_responses(queries)
+        pos = {qid: q for q, qid in enumerate(result.query_ids)}
+        listed = []
+        for qid in queries.ids:
+            pro, opp = result.top(pos[qid], k)
+            listed.append([(i, "proponent") for i, _ in pro] + [(i, "opponent") for i, _ in opp])
+        return token_report(self.design(), res.y_qtk, res.base_logprob_qt, queries.loss_mask,
+                            queries.target_ids(), queries.ids, listed, self.train.ids, decode)
 
     def attribute(self, queries: TokenizedSet) -> Attribution:
         """All stages: operators, measurement, recovery."""

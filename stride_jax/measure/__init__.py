@@ -40,16 +40,21 @@ class MeasureConfig:
 class Responses(NamedTuple):
     y_qk: np.ndarray          # [Q, K] float32
     base_loss_q: np.ndarray   # [Q] mean per-token loss of the base model
+    y_qtk: np.ndarray | None = None        # [Q, T, K] per-position responses (per_token=True)
+    base_logprob_qt: np.ndarray | None = None   # [Q, T] base log-prob of each target
 
 
 def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Array,
                       queries: TokenizedSet, cfg: MeasureConfig = MeasureConfig(), *,
-                      progress: bool = False, mesh: "SubsetMesh | None" = None) -> Responses:
+                      progress: bool = False, mesh: "SubsetMesh | None" = None,
+                      per_token: bool = False) -> Responses:
     """``y[q, k]`` for every query and subset (see the module docstring).
 
     With a ``mesh`` each chunk of ``subset_chunk`` operators is split over the devices (the
     query batch's activations are replicated), so ``subset_chunk`` must be a multiple of the
-    device count.
+    device count. ``per_token=True`` also returns ``y_qtk`` [Q, T, K], the per-position change
+    of the target log-probability (0 at unscored positions), whose masked mean over ``t`` is
+    ``y_qk``; it costs Q x T x K floats of host memory, so use it for a few queries.
     """
     check_rows_fit(lm, queries, "query")
     counts = queries.loss_mask.sum(1)
@@ -79,7 +84,7 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
         logp = jax.nn.log_softmax(lm.head(lm.params, final).astype(jnp.float32), axis=-1)
         tgt = jnp.take_along_axis(logp, rows.target[..., None], axis=-1)[..., 0]
         base_loss = -jnp.sum(tgt * loss_mask, 1) / jnp.maximum(loss_mask.sum(1), 1.0)
-        return rows, logp, base_loss
+        return rows, logp, base_loss, tgt * loss_mask
 
     @jax.jit
     def chunk_response(rows: Rows, logp, coef_src):
@@ -92,13 +97,16 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
             else:
                 delta = logit_shift(lm, site, shift(feats, coef_rc))
                 dlogp = delta_logprob(logp, delta, rows.target)
-            return jnp.sum(dlogp * w, 1) / jnp.maximum(w.sum(1), 1.0)
+            mean = jnp.sum(dlogp * w, 1) / jnp.maximum(w.sum(1), 1.0)
+            return (mean, dlogp * w) if per_token else (mean, None)
 
-        return jax.vmap(one, out_axes=1)(coef_src)   # [B, S]
+        return jax.vmap(one, out_axes=(1, 2))(coef_src)   # [B, S], [B, T, S]
 
     targets = queries.target_ids()
     y = np.zeros((Q, K), np.float32)
     base_loss = np.zeros((Q,), np.float32)
+    y_tok = np.zeros((Q, T, K), np.float32) if per_token else None
+    base_lp = np.zeros((Q, T), np.float32) if per_token else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -107,23 +115,27 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
     for start in range(0, Q, cfg.query_batch):
         stop = min(start + cfg.query_batch, Q)
         idx = np.arange(start, start + cfg.query_batch) % Q   # fixed shape: wrap the last batch
-        rows, logp, bl = base(jnp.asarray(queries.input_ids[idx]),
+        rows, logp, bl, blp = base(jnp.asarray(queries.input_ids[idx]),
                               jnp.asarray(queries.attention_mask[idx]),
                               jnp.asarray(targets[idx]),
                               jnp.asarray(queries.loss_mask[idx], jnp.float32))
         base_loss[start:stop] = np.asarray(bl)[: stop - start]
+        if per_token:
+            base_lp[start:stop] = np.asarray(blp)[: stop - start]
         for c in range(n_chunks):
             coef_c = coef_pad[c * S:(c + 1) * S]
             if mesh is not None:
                 coef_c = mesh.shard(coef_c)
-            out = chunk_response(rows, logp, coef_c)
+            out, out_tok = chunk_response(rows, logp, coef_c)
             lo, hi = c * S, min((c + 1) * S, K)
             y[start:stop, lo:hi] = np.asarray(out)[: stop - start, : hi - lo]
+            if per_token:
+                y_tok[start:stop, :, lo:hi] = np.asarray(out_tok)[: stop - start, :, : hi - lo]
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return Responses(y, base_loss)
+    return Responses(y, base_loss, y_tok, base_lp)
 
 
 __all__ = ["MeasureConfig", "Responses", "measure_responses"]
