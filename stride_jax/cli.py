@@ -130,10 +130,18 @@ def print_attribution(result, train_texts, query_texts, *, queries: int = 3, k: 
 def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Path, *,
                          overwrite: bool, progress: bool):
     from stride_jax.attributor import Attributor
+    import json
+
+    from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.tokenizer import as_backend
     att = Attributor(model, train_rows, cfg, workdir=out, overwrite=overwrite, progress=progress)
     result = att.attribute(query_rows)
     train_texts, query_texts = row_texts(train_rows, tokenizer), row_texts(query_rows, tokenizer)
     result.write(out, train_texts=train_texts, query_texts=query_texts, k=cfg.topk)
+    if cfg.token_queries > 0:
+        few = query_rows.subset(range(min(cfg.token_queries, len(query_rows))))
+        tokens = att.token_attribution(few, result, as_backend(tokenizer).decode)
+        atomic_write_text(out / "tokens.json", json.dumps(tokens, ensure_ascii=False) + "\n")
     return result, train_texts, query_texts
 
 
@@ -147,16 +155,24 @@ def cmd_attribute(args) -> int:
     model = from_hf(args.model, strict=not args.no_strict_config)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     check_vocab_matches(tokenizer, model.config.vocab_size)
-    seq_len = cfg.data.seq_len or min(model.config.max_position_embeddings, 256)
-    if seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context "
-                         f"({model.config.max_position_embeddings})")
+    context = model.config.max_position_embeddings
+    seq_len = cfg.data.seq_len or min(context, 256)
+    if seq_len > context:
+        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context ({context} "
+                         f"tokens); set data.seq_len to at most {context} (or null)")
     mode = cfg.data.train_mode
     if mode == "auto":
         mode = "document" if str(args.train).endswith(".jsonl") else "chunk"
-    train_rows = tokenize_documents(read_documents(args.train), tokenizer, seq_len, mode=mode)
-    query_rows = tokenize_documents(read_documents(args.queries), tokenizer, seq_len,
-                                    mode="document")
+    # What a CLI user can change when a document does not fit (the library's own hint names
+    # Python arguments): queries are always whole documents.
+    longer = (f", or raise data.seq_len up to the model's context ({context} tokens)"
+              if seq_len < context else "")
+    train_rows = tokenize_documents(
+        read_documents(args.train), tokenizer, seq_len, mode=mode,
+        too_long_fix=f"set data.train_mode=chunk to cut the documents of {args.train}{longer}")
+    query_rows = tokenize_documents(
+        read_documents(args.queries), tokenizer, seq_len, mode="document",
+        too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")
     result, train_texts, query_texts = _attribute_and_write(
         model, tokenizer, train_rows, query_rows, cfg, args.out, overwrite=args.overwrite,
         progress=not args.quiet)
@@ -222,9 +238,15 @@ def _load_scores(path: Path):
     hint = "pass the scores.npy written by `stride-jax attribute` or `stride-jax score`"
     if not path.is_file():
         raise FileNotFoundError(f"no scores file {path}; {hint}")
+    # Checked first: numpy reads any other file as a pickle and then advises loading it unsafely.
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        what = "it is empty" if not magic else "it lacks the .npy header"
+        raise ValueError(f"{path} is not a .npy file ({what}); {hint}")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{path} is not a .npy array of scores ({e}); {hint}") from None
 
 
@@ -413,9 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # orbax logs routine async-save timing through absl at WARNING level.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    from stride_jax.io.atomic import DiskFullError
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, ModuleNotFoundError,
+            DiskFullError) as e:
         # Our errors name the problem and the fix: one clear line; -v shows the traceback.
         if args.verbose:
             raise

@@ -437,8 +437,13 @@ def load_config(
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        data = parse_yaml(p.read_text(encoding="utf-8"), source=str(p))
+            raise ConfigError(f"config file not found: {p}; check the path (CLI: --config)")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p} is not valid UTF-8 ({e}); save the config file as UTF-8") \
+                from None
+        data = parse_yaml(text, source=str(p))
         if data is None:
             data = {}
         if not isinstance(data, dict):

@@ -127,7 +127,14 @@ def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer:
             f"stride_jax.tokenizer.save_tokenizer or transformers' save_pretrained), or a "
             f"directory containing one"
         )
-    return tokenizers.Tokenizer.from_file(str(file))
+    try:
+        return tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
+        raise ValueError(
+            f"{file} is not a readable tokenizer ({e}); the file is corrupt or from an "
+            f"unsupported tokenizers version: re-save it with the model (save_tokenizer or "
+            f"transformers' save_pretrained)"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,6 +112,8 @@ def test_attribute_command_end_to_end(pretrained, tmp_path, capsys):
     assert np.load(tmp_path / "run" / "scores.npy").shape == (3, 120)
     assert (tmp_path / "run" / "attribute.yaml").is_file()
     assert len((tmp_path / "run" / "topk.jsonl").read_text().splitlines()) == 3
+    tokens = json.loads((tmp_path / "run" / "tokens.json").read_text())
+    assert [q["query_id"] for q in tokens["queries"]] == ["q0", "q1", "q2"]
     assert "top proponents" in capsys.readouterr().out
 
 

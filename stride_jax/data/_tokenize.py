@@ -110,6 +110,7 @@ def tokenize_documents(
     add_eos: bool = True,
     add_bos: bool = False,
     specials: SpecialIds | None = None,
+    too_long_fix: str | None = None,
 ) -> TokenizedSet:
     """Tokenize documents into rows of ``seq_len`` tokens (see :class:`TokenizedSet`).
 
@@ -129,7 +130,8 @@ def tokenize_documents(
         raises :class:`DataError`, or with ``truncate=True`` keeps its first ``seq_len`` tokens.
 
     ``tokenizer`` is a :class:`tokenizers.Tokenizer` or a transformers fast tokenizer; ``specials``
-    overrides the special ids found by :func:`stride_jax.tokenizer.special_ids`.
+    overrides the special ids found by :func:`stride_jax.tokenizer.special_ids`; ``too_long_fix``
+    replaces the advice given when a document does not fit (a CLI names its own options).
     """
     if mode not in ("chunk", "document"):
         raise ValueError(f'mode must be "chunk" or "document", got {mode!r}')
@@ -170,10 +172,12 @@ def tokenize_documents(
         if mode == "document":
             if len(tokens) > seq_len:
                 if not truncate:
+                    fix = too_long_fix or (
+                        'use mode="chunk", a model with a larger context (seq_len), or '
+                        "truncate=True to cut it")
                     raise DataError(
                         f"document {doc.id!r} has {len(tokens)} tokens but seq_len is {seq_len}; "
-                        f'use mode="chunk", a model with a larger context (seq_len), or '
-                        f"truncate=True to cut it"
+                        f"{fix}"
                     )
                 tokens, scored = tokens[:seq_len], scored[:seq_len]
             if not scored[1:].any():

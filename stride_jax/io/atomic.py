@@ -5,11 +5,15 @@ file in the destination directory, flushed and fsync'ed, then moved onto the fin
 ``os.replace``. A reader therefore sees either the old complete file or the new complete file,
 never a torn one, even if the writer is killed midway. The temporary file lives in the same
 directory because ``os.replace`` is only atomic within one filesystem.
+
+A write that fails because the disk (or the quota) is full raises :class:`DiskFullError`, which
+names the file and says what to do; the temporary file is removed and the previous file is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,12 +22,30 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "DiskFullError",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_npy",
     "save_npy",
 ]
+
+
+# errno values that mean "no room to write": the device is full, or the user's quota is spent.
+_FULL = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of disk space; the previous file (if any) is intact."""
+
+
+def _disk_full(target: Path) -> DiskFullError:
+    err = DiskFullError(
+        f"the disk is full (no space left on the device) while writing {target}; free some space "
+        f"or choose an output directory on another disk, then rerun (the previous {target.name}, "
+        f"if any, is intact and finished stages are reused)")
+    err.errno = errno.ENOSPC
+    return err
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -55,11 +77,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The caller writes the complete file to the yielded path (by any means, e.g. a library that
     only accepts file names). When the ``with`` block exits normally, the temporary file is
     fsync'ed and ``os.replace``d onto ``path``. If the block raises, the temporary file is
-    removed and ``path`` is left untouched. Parent directories are created as needed.
+    removed and ``path`` is left untouched. Parent directories are created as needed. A full disk
+    (``ENOSPC``/``EDQUOT``, at any point) raises :class:`DiskFullError`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                        dir=target.parent)
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _disk_full(target) from e
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -68,9 +97,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             raise FileNotFoundError(f"atomic_path: nothing was written to the temporary file {tmp}")
         _fsync_file(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        # Writes and fsync report a full disk as a bare "[Errno 28]" that names no file.
+        if isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in _FULL:
+            raise _disk_full(target) from e
         raise
     _fsync_dir(target.parent)
 

@@ -156,20 +156,22 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     if file_size < 8:
         raise SafetensorsError(
             f"{p}: file has {file_size} bytes, fewer than the 8-byte header size prefix; "
-            "truncated or not a safetensors file"
+            "truncated or not a safetensors file: re-download or re-export the checkpoint"
         )
     with open(p, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > file_size - 8 or n > _MAX_HEADER:
             raise SafetensorsError(
                 f"{p}: header size {n} is larger than the file ({file_size} bytes); "
-                "truncated or not a safetensors file"
+                "truncated or not a safetensors file: re-download or re-export the checkpoint"
             )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{p}: header is not valid UTF-8 JSON ({e}); not a safetensors file") from e
+        raise SafetensorsError(f"{p}: header is not valid UTF-8 JSON ({e}); not a safetensors "
+                               f"file, or a damaged one: re-download or re-export the "
+                               f"checkpoint") from e
     if not isinstance(header, dict):
         raise SafetensorsError(f"{p}: header must be a JSON object, got {type(header).__name__}")
 
@@ -326,7 +328,7 @@ def load_sharded(
         present = sorted(x.name for x in d.iterdir())
         raise SafetensorsError(
             f"{d}: neither {SINGLE_FILE} nor {INDEX_FILE} found; the directory holds "
-            f"{present if present else 'nothing'}"
+            f"{present if present else 'nothing'}: re-export the model or copy its weights there"
         )
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))

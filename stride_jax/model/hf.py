@@ -140,11 +140,12 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32", param_dtype
     unknown = sorted(k for k in hf if k not in known)
     if unknown:
         msg = (f"config.json (model_type={model_type!r}) has setting(s) stride-jax does not handle: "
-               f"{unknown}. They may change the model's forward pass, so loading stops here. If you "
-               f"know they are harmless for inference, pass strict=False (CLI: --no-strict-config).")
+               f"{unknown}. They may change the model's forward pass")
         if strict:
-            raise HFConfigError(msg)
-        log.warning(msg)
+            raise HFConfigError(f"{msg}, so loading stops here; if you know they are harmless for "
+                                f"inference, pass strict=False (CLI: --no-strict-config)")
+        log.warning("%s; loading anyway (strict=False): check that they are harmless for "
+                    "inference", msg)
     for key, allowed in _REQUIRED_VALUES.items():
         if key in hf and hf[key] not in allowed:
             raise HFConfigError(f"config.json sets {key}={hf[key]!r}; stride-jax implements only "
@@ -339,6 +340,7 @@ def _flat_params(model: CausalLM) -> dict[str, Any]:
 def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> CausalLM:
     """Build a :class:`CausalLM` from HF-named tensors, checking every name and shape."""
     by_name = {_strip_prefix(k, config.family): v for k, v in tensors.items()}
+    file_name = {_strip_prefix(k, config.family): k for k in tensors}  # for messages
     if config.tie_word_embeddings:
         # Tied checkpoints sometimes store the head anyway; it must then equal the embedding.
         by_name.pop("lm_head.weight", None)
@@ -364,8 +366,12 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
             if tuple(arr.shape) != tuple(expect):
                 raise HFWeightsError(f"weight {r.hf} -> {ours}: shape {tuple(arr.shape)} but the "
                                      f"config implies {tuple(expect)}")
-            if not np.all(np.isfinite(arr.astype(np.float32))):
-                raise HFWeightsError(f"weight {r.hf[0]} contains NaN or inf; the checkpoint is corrupt")
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr.astype(np.float32))))
+            if bad:
+                raise HFWeightsError(
+                    f"weight {file_name[r.hf[0]]!r} holds {bad} NaN/inf value(s) of "
+                    f"{np.size(arr)}; the checkpoint is corrupt (or was saved after training "
+                    f"diverged): re-download or re-export it")
             values[ours] = arr
     assert set(values) == set(params), sorted(set(params) ^ set(values))
     for name, var in params.items():
@@ -401,9 +407,14 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
                                 f"{sorted(p.name for p in path.iterdir())[:20]}); pass an HF model "
                                 f"directory")
     try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise HFConfigError(f"{cfg} is not valid JSON ({e}); the file is corrupt") from e
+        hf = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFConfigError(f"{cfg} is not valid UTF-8 JSON ({e}); the file is corrupt: "
+                            f"re-download or re-export the model") from e
+    if not isinstance(hf, dict):
+        raise HFConfigError(f"{cfg} holds a JSON {type(hf).__name__}, not an object of settings; "
+                            f"the file is corrupt: re-download or re-export the model")
+    return hf
 
 
 def from_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",

@@ -66,7 +66,8 @@ def resolve_layer(cfg: SteeringConfig, num_layers: int) -> int:
 
 def validate(cfg: SteeringConfig) -> None:
     if cfg.rank < 1:
-        raise ValueError(f"steering.rank={cfg.rank} must be >= 1 (paper: 16)")
+        raise ValueError(f"steering.rank={cfg.rank} must be >= 1; set a positive rank "
+                         f"(default 32, paper 16)")
     if cfg.basis == "mlp" and cfg.mlp_hidden < 1:
         raise ValueError(f"steering.mlp_hidden={cfg.mlp_hidden} must be >= 1")
 

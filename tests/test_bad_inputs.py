@@ -1,0 +1,383 @@
+"""The bad-input catalogue: one case per entry of the README's "Bad input" table.
+
+Every case feeds one kind of bad input and asserts the key phrase of the error, which must name
+the problem and the fix. Command-line cases also check the contract of ``stride-jax``: exit
+status 2 and a single ``stride-jax <cmd>: error: ...`` line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import stride_jax.io.atomic as atomic
+from stride_jax.cli import main, row_texts
+from stride_jax.data import Document, write_jsonl
+from stride_jax.eval.groundtruth import GroundTruthConfig, run_groundtruth
+from stride_jax.io.atomic import DiskFullError, load_npy, save_npy
+from stride_jax.io.safetensors import load_file, save_file
+from stride_jax.model.hf import from_hf
+from stride_jax.recipes import ArchConfig, CorpusConfig, OptimConfig, PretrainConfig, pretrain
+from stride_jax.subsets import bernoulli_design, expander_design
+from stride_jax.tokenizer import load_tokenizer, save_tokenizer
+
+# The tiny model of tests/test_attribute.py: 2 blocks, a 300-token vocabulary, 32-token context.
+TINY = PretrainConfig(
+    arch=ArchConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                    intermediate_size=64),
+    corpus=CorpusConfig(plays=("macbeth",), seq_len=32, vocab_size=300, heldout_fraction=0.05),
+    optim=OptimConfig(batch_size=16, epochs=0.3, warmup_steps=3, learning_rate=1e-2),
+    sample_tokens=2)
+
+# Small enough that a case reaching operator training stays a few seconds on 2 cores.
+FAST = ["design.num_subsets=30", "design.per_example=4", "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model directory, directory with a good train.jsonl and queries.jsonl)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    res = pretrain(TINY, root / "model", progress=False)
+    texts = row_texts(res.corpus.train.subset(range(120)), res.tokenizer)
+    write_jsonl([Document(id=f"d{i}", text=t[:30]) for i, t in enumerate(texts)],
+                root / "train.jsonl")
+    qs = row_texts(res.corpus.heldout.subset(range(3)), res.tokenizer)
+    write_jsonl([Document(id=f"q{i}", prompt=t[:10], text=t[10:30]) for i, t in enumerate(qs)],
+                root / "queries.jsonl")
+    return root / "model", root
+
+
+def _fails(args: list[str], capsys) -> str:
+    """Run the CLI, check the one-line error contract, return the message."""
+    assert main(["-q", *args]) == 2   # -q: no progress bars on stderr
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    # Only the error line: warnings or progress output would bury it.
+    assert len(lines) == 1 and lines[0].startswith(f"stride-jax {args[0]}: error: "), err
+    return lines[0]
+
+
+def _model_copy(model_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "model"
+    shutil.copytree(model_dir, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `stride-jax attribute`: input files, model directory and config
+# ---------------------------------------------------------------------------------------------
+
+def _write(path: Path, data: str | bytes) -> Path:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path.write_bytes(data)
+    return path
+
+
+def _edit_config_json(model: Path, **settings) -> None:
+    hf = json.loads((model / "config.json").read_text())
+    hf.update(settings)
+    (model / "config.json").write_text(json.dumps(hf))
+
+
+def _set_nan(model: Path) -> str:
+    tensors = load_file(model / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name][1, 2] = np.nan
+    save_file(tensors, model / "model.safetensors")
+    return name
+
+
+def _bigger_tokenizer(model: Path, tmp_path: Path) -> Path:
+    # The model's own tokenizer plus 20 tokens: ids 300.. would index past the 300-row embedding.
+    tok = load_tokenizer(model)
+    tok.add_tokens([f"<extra{i}>" for i in range(20)])
+    return save_tokenizer(tok, tmp_path / "tok")
+
+
+# case -> (function (model, data dir, tmp) -> (--model, --train, --queries, extra args), phrases)
+ATTRIBUTE_CASES = {
+    "missing_file": (
+        lambda m, d, t: (m, t / "nope.jsonl", d / "queries.jsonl", []),
+        ["nope.jsonl: no such file; check the path"]),
+    "missing_model_dir": (
+        lambda m, d, t: (t / "nowhere", d / "train.jsonl", d / "queries.jsonl", []),
+        ["does not exist; pass a directory holding config.json and model.safetensors"]),
+    "empty_file": (
+        lambda m, d, t: (m, _write(t / "train.jsonl", ""), d / "queries.jsonl", []),
+        ["train.jsonl: the file is empty; add at least one document"]),
+    "empty_query_file": (
+        lambda m, d, t: (m, d / "train.jsonl", _write(t / "q.jsonl", ""), []),
+        ["q.jsonl: the file is empty; add at least one document"]),
+    "blank_query_file": (
+        lambda m, d, t: (m, d / "train.jsonl", _write(t / "q.jsonl", "\n  \n"), []),
+        ["q.jsonl: no documents (the file has only blank lines); add at least one line"]),
+    "empty_completion": (
+        lambda m, d, t: (m, d / "train.jsonl", _write(
+            t / "q.jsonl", '{"id": "q", "prompt": "To be", "completion": " "}\n'), []),
+        ['q.jsonl, line 1 (id \'q\'): blank "completion"', "drop the line if it is empty"]),
+    "non_utf8_txt": (
+        lambda m, d, t: (m, _write(t / "play.txt", "caf\xe9 au lait\n".encode("latin-1")),
+                         d / "queries.jsonl", []),
+        ["play.txt: not valid UTF-8 at byte offset 3 (line 1, byte 0xe9)",
+         "re-encode the file as UTF-8"]),
+    "non_utf8_jsonl": (
+        lambda m, d, t: (m, _write(t / "train.jsonl", '{"id": "a", "text": "ok"}\n'
+                                   '{"id": "b", "text": "caf\xe9"}\n'.encode("latin-1")),
+                         d / "queries.jsonl", []),
+        ["not valid UTF-8 at byte offset", "(line 2, byte 0xe9)", "re-encode the file as UTF-8"]),
+    "jsonl_missing_field": (
+        lambda m, d, t: (m, _write(t / "train.jsonl", '{"id": "a", "txt": "typo"}\n'),
+                         d / "queries.jsonl", []),
+        ['line 1 (id \'a\'): missing field "text" (or "prompt" + "completion")']),
+    "jsonl_duplicate_ids": (
+        lambda m, d, t: (m, _write(t / "train.jsonl", '{"id": "a", "text": "one"}\n'
+                                   '{"id": 7, "text": "two"}\n{"id": "a", "text": "three"}\n'),
+                         d / "queries.jsonl", []),
+        ["duplicate id 'a' on lines 1 and 3; ids must be unique"]),
+    "query_longer_than_context": (
+        lambda m, d, t: (m, d / "train.jsonl", _write(
+            t / "q.jsonl", json.dumps({"id": "long", "text": "word " * 40}) + "\n"), []),
+        ["document 'long' has", "tokens but seq_len is 32; shorten that query in",
+         "(queries are never cut)"]),
+    "seq_len_beyond_context": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["data.seq_len=64"]),
+        ["data.seq_len=64 exceeds the model's context (32 tokens)",
+         "set data.seq_len to at most 32"]),
+    "config_typo": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["train.epoch=3"]),
+        ["unknown config key 'train.epoch'", "did you mean 'train.epochs'?"]),
+    "missing_config_file": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["--config", str(t / "nope.yaml")]),
+        ["config file not found:", "check the path (CLI: --config)"]),
+    "non_utf8_config_file": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["--config", str(_write(t / "c.yaml", b"seed: \xff\n"))]),
+        ["c.yaml is not valid UTF-8", "save the config file as UTF-8"]),
+    "design_d_above_k": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["design.num_subsets=10", "design.per_example=20"]),
+        ["d=20 subsets per example cannot exceed K=10 subsets; lower d or raise K"]),
+    "design_empty_subsets": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["design.num_subsets=1000", "design.per_example=1"]),
+        ["num_subsets=1000, per_example=1", "is empty (", "of 1000 are)", "lower K or raise d"]),
+    "rank_zero": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["steering.rank=0"]),
+        ["steering.rank=0 must be >= 1; set a positive rank"]),
+    "layer_out_of_range": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["steering.layer=99"]),
+        ["steering.layer=99 is out of range: the model has 2 blocks, so use 0 .. 1"]),
+    "epochs_zero": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["train.epochs=0"]),
+        ["train.epochs=0 must be >= 1"]),
+}
+
+# Cases that damage a copy of the model directory: case -> (edit (copy, tmp), phrases). An edit
+# returns the extra CLI args it needs as a list; any other return value means none.
+MODEL_CASES = {
+    "corrupt_config_json": (
+        lambda m, t: _write(m / "config.json", '{"model_type": "llama",'),
+        ["config.json is not valid UTF-8 JSON", "the file is corrupt: re-download or re-export"]),
+    "empty_config_json": (
+        lambda m, t: _write(m / "config.json", ""),
+        ["config.json is not valid UTF-8 JSON", "re-download or re-export the model"]),
+    "corrupt_tokenizer": (
+        lambda m, t: _write(m / "tokenizer.json", "{garbage"),
+        ["tokenizer.json is not a readable tokenizer", "re-save it with the model"]),
+    "truncated_safetensors": (
+        lambda m, t: _write(m / "model.safetensors",
+                            (m / "model.safetensors").read_bytes()[:57_000]),
+        ["model.safetensors: truncated: expected at least", "file has 57000",
+         "re-download or re-export the checkpoint"]),
+    "empty_safetensors": (
+        lambda m, t: _write(m / "model.safetensors", b""),
+        ["model.safetensors: file has 0 bytes", "re-download or re-export the checkpoint"]),
+    "missing_weights": (
+        lambda m, t: (m / "model.safetensors").unlink(),
+        ["neither model.safetensors nor model.safetensors.index.json found",
+         "re-export the model or copy its weights there"]),
+    "nan_in_weights": (
+        lambda m, t: _set_nan(m),
+        ["weight 'model.layers.0.mlp.up_proj.weight' holds 1 NaN/inf value(s)",
+         "the checkpoint is corrupt", "re-download or re-export it"]),
+    "unknown_hf_config_key": (
+        lambda m, t: _edit_config_json(m, attn_logit_softcapping=30.0),
+        ["has setting(s) stride-jax does not handle: ['attn_logit_softcapping']",
+         "loading stops here", "--no-strict-config"]),
+    "vocab_mismatch": (
+        lambda m, t: ["--tokenizer", str(_bigger_tokenizer(m, t))],
+        ["tokenizer has 320 tokens but the model's embedding has 300 rows",
+         "pass the tokenizer saved with the model"]),
+}
+
+
+def _attribute(model, train, queries, out, extra) -> list[str]:
+    return ["attribute", "--model", str(model), "--train", str(train), "--queries", str(queries),
+            "--out", str(out), *FAST, *extra]
+
+
+@pytest.mark.parametrize("case", list(ATTRIBUTE_CASES))
+def test_attribute_bad_input(tiny, tmp_path, capsys, case):
+    model_dir, data = tiny
+    build, phrases = ATTRIBUTE_CASES[case]
+    model, train, queries, extra = build(model_dir, data, tmp_path)
+    err = _fails(_attribute(model, train, queries, tmp_path / "run", extra), capsys)
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_attribute_bad_model_dir(tiny, tmp_path, capsys, case):
+    model_dir, data = tiny
+    edit, phrases = MODEL_CASES[case]
+    model = _model_copy(model_dir, tmp_path)
+    extra = edit(model, tmp_path)
+    extra = extra if isinstance(extra, list) else []
+    err = _fails(_attribute(model, data / "train.jsonl", data / "queries.jsonl",
+                            tmp_path / "run", extra), capsys)
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+def test_unknown_hf_config_key_only_warns_when_not_strict(tiny, tmp_path, caplog):
+    model = _model_copy(tiny[0], tmp_path)
+    _edit_config_json(model, attn_logit_softcapping=30.0)
+    with caplog.at_level(logging.WARNING, logger="stride_jax.model.hf"):
+        lm = from_hf(model, strict=False)
+    assert lm.config.num_layers == 2
+    assert "does not handle: ['attn_logit_softcapping']" in caplog.text
+    assert "loading anyway (strict=False)" in caplog.text
+
+
+def test_nan_operator_loss_names_step_and_subset_and_keeps_checkpoint(tiny, tmp_path, capsys):
+    """A diverging operator training stops at the first non-finite loss, keeping its checkpoint."""
+    model_dir, data = tiny
+    run = tmp_path / "run"
+    # Per-subset Adam moves each coefficient by ~learning_rate per visit: 1e38 overflows float32
+    # on a subset's second visit (epoch 2), so steps 0-2 are good and checkpointed.
+    err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", run,
+                            ["train.learning_rate=1e38", "train.epochs=2",
+                             "train.subsets_per_step=10", "train.checkpoint_every=1"]), capsys)
+    assert "operator training loss is nan at step 3 (subset " in err, err
+    assert "lower train.learning_rate" in err, err
+    assert f"the last good checkpoint (step 3) in {run / 'operators' / 'checkpoints'} is kept" \
+        in err, err
+    assert (run / "operators" / "checkpoints").is_dir()
+    # The stage is not marked finished, so a rerun resumes instead of loading garbage.
+    assert json.loads((run / "operators" / "stamp.json").read_text())["complete"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Subset designs (Python API)
+# ---------------------------------------------------------------------------------------------
+
+def test_expander_design_with_empty_subsets():
+    # 3 examples in 1 subset each cannot fill 50 subsets.
+    with pytest.raises(ValueError, match=r"is empty \(47 of 50 are\).*lower K or raise d"):
+        expander_design(3, 50, 1, key=jax.random.key(0))
+
+
+def test_bernoulli_design_with_empty_subsets():
+    with pytest.raises(ValueError, match=r"is empty .*alpha\*n=0\.2 .*; raise alpha or n"):
+        bernoulli_design(4, 50, 0.05, key=jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# `stride-jax evaluate`: scores files; a full disk
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def groundtruth(tmp_path_factory):
+    """A finished ground truth over 6 training examples and 2 queries (a linear fake retrain)."""
+    out = tmp_path_factory.mktemp("gt")
+    w = np.random.default_rng(0).normal(size=(2, 6))
+    run_groundtruth(lambda s: np.stack([-w[:, x].sum(1) for x in s]), n=6, num_queries=2,
+                    cfg=GroundTruthConfig(num_subsets=8, alpha=0.5, parallel=4), out_dir=out,
+                    progress=False)
+    return out, w
+
+
+@pytest.mark.parametrize("case,phrase", [
+    ("missing", "no scores file"),
+    ("garbage", "is not a .npy file (it lacks the .npy header)"),
+    ("empty", "is not a .npy file (it is empty)"),
+    ("truncated", "is not a .npy array of scores"),
+    ("wrong_shape", "holds scores of shape (2, 5) but the ground truth in"),
+])
+def test_evaluate_bad_scores(groundtruth, tmp_path, capsys, case, phrase):
+    gt, _ = groundtruth
+    scores = tmp_path / "scores.npy"
+    if case == "garbage":
+        scores.write_bytes(b"\x00\x01 not numpy at all")
+    elif case == "empty":
+        scores.write_bytes(b"")
+    elif case == "truncated":
+        save_npy(scores, np.zeros((2, 6), np.float32))
+        scores.write_bytes(scores.read_bytes()[:-8])
+    elif case == "wrong_shape":
+        save_npy(scores, np.zeros((2, 5), np.float32))
+    err = _fails(["evaluate", "--scores", str(scores), "--groundtruth", str(gt)], capsys)
+    assert phrase in err, err
+    assert "pass the scores.npy written by" in err or case == "wrong_shape", err
+
+
+def _full_disk(monkeypatch, keep: int = 16) -> None:
+    """Writes inside stride_jax.io.atomic put ``keep`` bytes on disk, then fail with ENOSPC."""
+    import builtins
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(bytes(data)[:keep])   # a partial temp file, as on a real full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return Full(f) if "w" in mode else f
+
+    monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+
+
+def test_disk_full_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "scores.npy"
+    save_npy(path, np.arange(4.0))
+    _full_disk(monkeypatch)
+    with pytest.raises(DiskFullError, match="the disk is full") as info:
+        save_npy(path, np.ones(1000))
+    assert info.value.errno == errno.ENOSPC
+    assert "free some space or choose an output directory on another disk" in str(info.value)
+    np.testing.assert_array_equal(load_npy(path), np.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.npy"]   # no temp file left
+
+
+def test_evaluate_on_a_full_disk(groundtruth, tmp_path, monkeypatch, capsys):
+    gt, w = groundtruth
+    scores, out = tmp_path / "scores.npy", tmp_path / "lds.json"
+    save_npy(scores, w.astype(np.float32))
+    out.write_text("previous result\n")
+    _full_disk(monkeypatch)
+    err = _fails(["evaluate", "--scores", str(scores), "--groundtruth", str(gt),
+                  "--bootstrap", "10", "--json", str(out)], capsys)
+    assert f"the disk is full (no space left on the device) while writing {out}" in err, err
+    assert "the previous lds.json, if any, is intact" in err, err
+    assert out.read_text() == "previous result\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lds.json", "scores.npy"]
