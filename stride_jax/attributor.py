@@ -189,6 +189,11 @@ class Attributor:
                  overwrite: bool = False, progress: bool = True):
         if len(train) < 1:
             raise ValueError("the training set is empty: nothing to attribute to")
+        # Settings are checked before any stage runs, so a typo costs no cached work.
+        from stride_jax.steering._operators import validate as validate_steering
+        from stride_jax.train import validate as validate_train
+        validate_steering(config.steering)
+        validate_train(config.train)
         if isinstance(model, CausalLM):
             layer = resolve_layer(config.steering, model.config.num_layers)
             self.lm = from_causal_lm(model, layer)
@@ -301,6 +306,14 @@ class Attributor:
         res = measure_responses(self.lm, self.config.steering.site, ops.basis, ops.coef,
                                 queries, self.config.measure, progress=self.progress,
                                 mesh=self.mesh)
+        bad = ~np.isfinite(res.y_qk)
+        if bad.any():
+            q, k = (int(v[0]) for v in np.nonzero(bad))
+            where = "" if directory is None else f" in {self.workdir / 'operators'}"
+            raise FloatingPointError(
+                f"{int(bad.sum())} responses are NaN/inf (first: query {queries.ids[q]!r}, "
+                f"subset {k}): the trained operators{where} diverged; lower train.learning_rate "
+                f"and rerun with --overwrite")
         if directory is not None:
             save_npy(directory / "y.npy", res.y_qk)
             save_npy(directory / "base_loss.npy", res.base_loss_q)

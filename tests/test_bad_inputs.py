@@ -259,22 +259,38 @@ def test_unknown_hf_config_key_only_warns_when_not_strict(tiny, tmp_path, caplog
     assert "loading anyway (strict=False)" in caplog.text
 
 
-def test_nan_operator_loss_names_step_and_subset_and_keeps_checkpoint(tiny, tmp_path, capsys):
-    """A diverging operator training stops at the first non-finite loss, keeping its checkpoint."""
+@pytest.mark.parametrize("lr, what", [("1e38", "is not finite"),
+                                      ("1e30", "exceeds train.max_loss=10000 (diverged)")])
+def test_diverging_operator_loss_names_step_and_subset_and_keeps_checkpoint(tiny, tmp_path,
+                                                                             capsys, lr, what):
+    """A diverging operator training stops at the first non-finite or exploding loss, keeping its
+    last checkpoint; 1e30 stays finite (~1e32 nats) and must not pass as a result."""
     model_dir, data = tiny
     run = tmp_path / "run"
-    # Per-subset Adam moves each coefficient by ~learning_rate per visit: 1e38 overflows float32
-    # on a subset's second visit (epoch 2), so steps 0-2 are good and checkpointed.
+    # Per-subset Adam moves each coefficient by ~learning_rate per visit: the first visit of a
+    # subset is harmless at zero coefficients, its second visit (epoch 2) blows up, so the first
+    # epoch's steps are good and checkpointed.
     err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", run,
-                            ["train.learning_rate=1e38", "train.epochs=2",
+                            [f"train.learning_rate={lr}", "train.epochs=2",
                              "train.subsets_per_step=10", "train.checkpoint_every=1"]), capsys)
-    assert "operator training loss is nan at step 3 (subset " in err, err
-    assert "lower train.learning_rate" in err, err
-    assert f"the last good checkpoint (step 3) in {run / 'operators' / 'checkpoints'} is kept" \
-        in err, err
+    assert f"{what} at step 4 of 6 (first bad subset: " in err, err
+    assert f"lower train.learning_rate (now {float(lr):g})" in err, err
+    assert (f"the last good checkpoint (after 3 steps) in {run / 'operators' / 'checkpoints'} "
+            f"is kept") in err, err
     assert (run / "operators" / "checkpoints").is_dir()
     # The stage is not marked finished, so a rerun resumes instead of loading garbage.
     assert json.loads((run / "operators" / "stamp.json").read_text())["complete"] is False
+
+
+def test_diverged_operators_give_a_clear_error_at_measurement(tiny, tmp_path, capsys):
+    """One epoch at a huge learning rate: every loss is evaluated before its update, so training
+    ends 'successfully', but the operators are inf; measurement names the problem and the fix."""
+    model_dir, data = tiny
+    err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl",
+                            tmp_path / "run", ["train.learning_rate=1e38", "train.epochs=1"]),
+                 capsys)
+    assert "responses are NaN/inf (first: query 'q0', subset " in err, err
+    assert "diverged; lower train.learning_rate and rerun with --overwrite" in err, err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -139,21 +138,16 @@ def write_jsonl(docs: Iterable[Document], path: str | os.PathLike[str]) -> Path:
     The file is written to a temporary file in the same directory and moved into place with
     ``os.replace``, so readers never see a half-written file. Returns the path.
     """
+    from stride_jax.io.atomic import atomic_path
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for doc in docs:
-                if doc.prompt is None:
-                    record = {"id": doc.id, "text": doc.text}
-                else:
-                    record = {"id": doc.id, "prompt": doc.prompt, "completion": doc.text}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # atomic_path: temp file + fsync + rename, and a full disk reported as DiskFullError.
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for doc in docs:
+            if doc.prompt is None:
+                record = {"id": doc.id, "text": doc.text}
+            else:
+                record = {"id": doc.id, "prompt": doc.prompt, "completion": doc.text}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
 

@@ -76,6 +76,8 @@ class OperatorTrainConfig:
     linearity_probe_rows: int = option(16, "probe rows of the linearity loss")
     linearity_sketch_dim: int = option(64, "random-projection dimension q of the design sketch")
     linearity_ridge: float = option(1e-2, "ridge gamma of the linearity projection")
+    max_loss: float = option(1e4, "stop when the step loss (nats) exceeds this: training has "
+                                  "diverged even if the loss is still finite")
     checkpoint_every: int = option(100, "steps between operator checkpoints (0: only at the end)")
     log_every: int = option(10, "steps between logged loss values")
 
@@ -102,12 +104,20 @@ def validate(cfg: OperatorTrainConfig) -> None:
         if getattr(cfg, name) < 1:
             problems.append(f"train.{name}={getattr(cfg, name)} must be >= 1")
     if cfg.tokens_per_row < 0:
-        problems.append(f"train.tokens_per_row={cfg.tokens_per_row} must be >= 0")
+        problems.append(f"train.tokens_per_row={cfg.tokens_per_row} must be >= 0 (0: all "
+                        f"positions)")
     for name in ("weight_fidelity", "weight_stability", "weight_linearity"):
         if getattr(cfg, name) < 0:
-            problems.append(f"train.{name} must be >= 0")
+            problems.append(f"train.{name}={getattr(cfg, name)} must be >= 0")
+    for name in ("learning_rate", "basis_learning_rate", "max_loss"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v > 0):
+            problems.append(f"train.{name}={v} must be a positive finite number")
+    if cfg.checkpoint_every < 0 or cfg.log_every < 1:
+        problems.append("train.checkpoint_every must be >= 0 and train.log_every >= 1")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("; ".join(problems) + "; fix these train.* settings (see "
+                         "configs/attribute_default.yaml for the defaults)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,15 +465,20 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
             steady_t0 = time.perf_counter()
         else:
             steady_steps += 1
-        if not math.isfinite(loss_f):
-            bad = np.flatnonzero(~np.isfinite(np.asarray(total)))
+        if not (math.isfinite(loss_f) and abs(loss_f) <= cfg.max_loss):
+            per_subset = np.asarray(total)
+            bad = np.flatnonzero(~(np.isfinite(per_subset) & (np.abs(per_subset) <= cfg.max_loss)))
             which = int(schedule[step][bad[0]]) if len(bad) else -1
-            where = f" (subset {which})" if which >= 0 else ""
-            kept = (f"; the last good checkpoint (step {ckpt.latest_step()}) in {checkpoint_dir} is "
-                    f"kept" if ckpt is not None and ckpt.latest_step() is not None else "")
+            where = f" (first bad subset: {which})" if which >= 0 else ""
+            what = "is not finite" if not math.isfinite(loss_f) else \
+                f"exceeds train.max_loss={cfg.max_loss:g} (diverged)"
+            last = ckpt.latest_step() if ckpt is not None else None
+            kept = (f"; the last good checkpoint (after {last} steps) in {checkpoint_dir} is kept"
+                    if last is not None else "; no checkpoint was written yet")
             raise NonFiniteOperatorLossError(
-                f"operator training loss is {loss_f} at step {step}{where}; lower "
-                f"train.learning_rate or check the cached activations for NaN/inf{kept}")
+                f"operator training loss {loss_f:g} {what} at step {step + 1} of "
+                f"{len(schedule)}{where}; lower train.learning_rate (now {cfg.learning_rate:g}) "
+                f"and rerun with --overwrite, or check the cached activations for NaN/inf{kept}")
         state = new_state
         done = step + 1
         if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
