@@ -25,7 +25,7 @@ last orbax checkpoint); a stamp that does not match is refused with the changed 
 unless ``overwrite=True``. Without a ``workdir`` everything stays in memory.
 
 Keys: one seed, ``root = key(seed)``; the design uses ``fold_in(root, 0)``, training
-``fold_in(root, 1)``, lambda selection ``fold_in(root, 2)``.
+``fold_in(root, 1)``, lambda selection ``fold_in(root, 2)``, self-influence ``fold_in(root, 3)``.
 """
 
 from __future__ import annotations
@@ -348,6 +348,27 @@ class Attributor:
         qids = list(query_ids) if query_ids is not None else [str(i) for i in range(y.shape[0])]
         return Attribution(w, qids, list(self.train.ids), np.asarray(responses.y_qk),
                            np.asarray(responses.base_loss_q), lam, b)
+
+    def self_influence(self, num_outside: int | None = None) -> np.ndarray:
+        """Memorisation score of every training example, ``[n]`` (stage ``selfinf``; see
+        :mod:`stride_jax.apps.selfinf`): its gain under the operators of the subsets holding it
+        over that under a sample of ``num_outside`` (default d) subsets without it."""
+        from stride_jax.apps.selfinf import self_influence
+        ops = self.fit_operators()
+        directory = self._stage_dir("selfinf")
+        payload = {"operators": self._stamp("operators"), "num_outside": num_outside,
+                   "measure": to_dict(self.config.measure)}
+        if directory is not None and open_stage(directory, "selfinf", payload,
+                                                overwrite=self.overwrite):
+            return np.load(directory / "score.npy", allow_pickle=False)
+        out = self_influence(self.lm, self.config.steering.site, ops.basis, ops.coef,
+                             self.design(), self.train, key=jax.random.fold_in(self.root, 3),
+                             num_outside=num_outside, batch=self.config.measure.query_batch,
+                             progress=self.progress)
+        if directory is not None:
+            save_npy(directory / "score.npy", out.score_n)
+            complete_stage(directory, "selfinf", payload)
+        return out.score_n
 
     def token_responses(self, queries: TokenizedSet) -> Responses:
         """Per-token responses ``y_qtk`` of a few queries (not stored: one measurement pass)."""

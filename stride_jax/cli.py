@@ -128,10 +128,12 @@ def print_attribution(result, train_texts, query_texts, *, queries: int = 3, k: 
 
 
 def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Path, *,
-                         overwrite: bool, progress: bool):
-    from stride_jax.attributor import Attributor
+                         overwrite: bool, progress: bool, self_influence: bool = False):
     import json
 
+    import numpy as np
+
+    from stride_jax.attributor import Attributor
     from stride_jax.io.atomic import atomic_write_text
     from stride_jax.tokenizer import as_backend
     att = Attributor(model, train_rows, cfg, workdir=out, overwrite=overwrite, progress=progress)
@@ -142,6 +144,14 @@ def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Pat
         few = query_rows.subset(range(min(cfg.token_queries, len(query_rows))))
         tokens = att.token_attribution(few, result, as_backend(tokenizer).decode)
         atomic_write_text(out / "tokens.json", json.dumps(tokens, ensure_ascii=False) + "\n")
+    if self_influence:
+        score = att.self_influence()
+        atomic_write_text(out / "selfinf.json", json.dumps(
+            {"ids": list(train_rows.ids), "score": [float(v) for v in score]}) + "\n")
+        top = np.argsort(-score)[:3]
+        print("most memorised training rows (self-influence, nats/token):")
+        for i in top:
+            print(f"  {score[i]:+.3f}  {train_rows.ids[i]:<28} {_snippet(train_texts[i], 70)}")
     return result, train_texts, query_texts
 
 
@@ -175,7 +185,7 @@ def cmd_attribute(args) -> int:
         too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")
     result, train_texts, query_texts = _attribute_and_write(
         model, tokenizer, train_rows, query_rows, cfg, args.out, overwrite=args.overwrite,
-        progress=not args.quiet)
+        progress=not args.quiet, self_influence=args.self_influence)
     print_attribution(result, train_texts, query_texts)
     print(f"\nscores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written to {args.out}")
     return 0
@@ -319,6 +329,14 @@ def cmd_export_smollm2(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """One self-contained HTML page per run (stride_jax.apps.report)."""
+    from stride_jax.apps.report import write_report
+    print(write_report(args.run_dir, args.out, lds_results=args.lds, title=args.title,
+                       max_queries=args.max_queries))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stride-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"stride-jax {__version__}")
@@ -356,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace stage artifacts made with other arguments")
     p.add_argument("--no-strict-config", action="store_true",
                    help="warn instead of failing on HF config keys stride-jax does not know")
+    p.add_argument("--self-influence", action="store_true",
+                   help="also score every training row's memorisation (selfinf.json; costs "
+                        "about 2d/K of measuring every row as a query)")
     _add_config_args(p)
     p.set_defaults(func=cmd_attribute)
 
@@ -396,6 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the bundled one)")
     p.set_defaults(func=cmd_export_smollm2)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of an attribution run")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                   help="the --out directory of `stride-jax attribute` (the demo's: "
+                        "runs/demo/attribution)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="HTML file to write (default: RUN_DIR/report.html)")
+    p.add_argument("--lds", type=Path, default=None,
+                   help="LDS benchmark results (e.g. benchmarks/results/lds.json) for an "
+                        "LDS-vs-wall-time plot")
+    p.add_argument("--max-queries", type=int, default=None, help="show only the first N queries")
+    p.add_argument("--title", default=None, help="page title")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -107,13 +107,17 @@ def test_attribute_command_end_to_end(pretrained, tmp_path, capsys):
     rc = main(["-q", "attribute", "--model", str(model_dir), "--train", str(tmp_path / "train.jsonl"),
                "--queries", str(tmp_path / "queries.jsonl"), "--out", str(tmp_path / "run"),
                "design.num_subsets=30", "design.per_example=4", "train.epochs=2",
-               "train.subsets_per_step=30"])
+               "train.subsets_per_step=30", "--self-influence"])
     assert rc == 0, capsys.readouterr().err
     assert np.load(tmp_path / "run" / "scores.npy").shape == (3, 120)
     assert (tmp_path / "run" / "attribute.yaml").is_file()
     assert len((tmp_path / "run" / "topk.jsonl").read_text().splitlines()) == 3
     tokens = json.loads((tmp_path / "run" / "tokens.json").read_text())
     assert [q["query_id"] for q in tokens["queries"]] == ["q0", "q1", "q2"]
+    selfinf = json.loads((tmp_path / "run" / "selfinf.json").read_text())
+    assert selfinf["ids"] == [f"d{i}" for i in range(120)] and len(selfinf["score"]) == 120
+    assert np.isfinite(selfinf["score"]).all()
+    assert (tmp_path / "run" / "selfinf" / "stamp.json").is_file()
     assert "top proponents" in capsys.readouterr().out
 
 
