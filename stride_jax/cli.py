@@ -92,8 +92,11 @@ def cmd_demo(args) -> int:
         model, corpus.tokenizer, corpus.train, queries, att_cfg, args.out / "attribution",
         overwrite=args.overwrite, progress=not args.quiet)
     print_attribution(result, train_texts, query_texts)
+    from stride_jax.apps.report import write_report
+    page = write_report(args.out / "attribution", title="stride-jax demo")
     print(f"\nattribution took {time.perf_counter() - t1:.0f} s; scores and topk.jsonl are in "
           f"{args.out / 'attribution'} (total {time.perf_counter() - t0:.0f} s)")
+    print(f"report (open in a browser): {page}")
     return 0
 
 
