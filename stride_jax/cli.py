@@ -158,6 +158,27 @@ def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Pat
     return result, train_texts, query_texts
 
 
+def _plan_memory(cfg, model, train_rows, query_rows, budget):
+    """Print each stage's estimated peak memory; with a budget, fit the result-neutral chunks."""
+    import jax
+    from flax import nnx
+
+    from stride_jax.parallel import make_mesh
+    from stride_jax.parallel.memory import Shapes, plan_memory
+    from stride_jax.steering import resolve_layer
+    c = model.config
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    layer = resolve_layer(cfg.steering, c.num_layers)
+    mesh = make_mesh(cfg.parallel)
+    shapes = Shapes(n=len(train_rows), seq_len=train_rows.seq_len, num_queries=len(query_rows),
+                    d_reader=c.hidden_size, d_final=c.hidden_size, vocab=c.vocab_size,
+                    params_bytes=params_bytes, upper_layers=c.num_layers - layer - 1)
+    plan = plan_memory(cfg, shapes, budget=budget, devices=1 if mesh is None else mesh.size)
+    print("estimated peak memory per stage (stride_jax.parallel.memory):")
+    print(plan.format())
+    return plan.config
+
+
 def cmd_attribute(args) -> int:
     from stride_jax.attributor import AttributeConfig
     from stride_jax.data import read_documents, tokenize_documents
@@ -186,6 +207,7 @@ def cmd_attribute(args) -> int:
     query_rows = tokenize_documents(
         read_documents(args.queries), tokenizer, seq_len, mode="document",
         too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")
+    cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
     result, train_texts, query_texts = _attribute_and_write(
         model, tokenizer, train_rows, query_rows, cfg, args.out, overwrite=args.overwrite,
         progress=not args.quiet, self_influence=args.self_influence)
@@ -340,6 +362,45 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    """Top-k pool examples by aggregate influence on a run's queries (stride_jax.apps.select)."""
+    from stride_jax.apps.select import select_run
+    recs, path = select_run(args.run, args.k, how=args.aggregate, out=args.out)
+    with_text = sum("text" in r for r in recs)
+    print(f"selected {len(recs)} examples by {args.aggregate} aggregate -> {path} "
+          f"({with_text} with text from topk.jsonl)")
+    for r in recs[:5]:
+        print(f"  {r['rank']:>4}  {r['value']:+.3f}  {r['id']:<28} "
+              f"{_snippet(r.get('text', ''), 60)}")
+    if len(recs) > 5:
+        print(f"  ... {len(recs) - 5} more")
+    return 0
+
+
+def cmd_contamination(args) -> int:
+    """Contamination audit (stride_jax.tasks.contamination): planted replicas of queries."""
+    import json
+
+    from stride_jax.config import dump_config
+    from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.tasks.contamination import ContaminationConfig, run_audit
+
+    cfg = _load(ContaminationConfig, args)
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()]
+               if args.methods else None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = run_audit(cfg, methods, workdir=args.out, progress=not args.quiet)
+    print(out["table"])
+    ref = out["reference"]["query_loss"]
+    print(f"reference (no attribution): detection by the query's own loss: ROC-AUC "
+          f"{ref['roc_auc']:.3f}, PR-AUC {ref['pr_auc']:.3f}")
+    dump_config(cfg, args.out / "contamination.yaml")
+    atomic_write_text(args.out / "contamination.json",
+                      json.dumps(out, indent=1, default=float) + "\n")
+    print(f"results written to {args.out / 'contamination.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stride-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"stride-jax {__version__}")
@@ -377,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace stage artifacts made with other arguments")
     p.add_argument("--no-strict-config", action="store_true",
                    help="warn instead of failing on HF config keys stride-jax does not know")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="e.g. 24GiB: lower the result-neutral chunk sizes (measure.query_batch, "
+                        "measure.subset_chunk, solve.query_chunk) until every stage's estimated "
+                        "peak fits, or refuse naming the stage; the plan is printed either way")
     p.add_argument("--self-influence", action="store_true",
                    help="also score every training row's memorisation (selfinf.json; costs "
                         "about 2d/K of measuring every row as a query)")
@@ -433,6 +498,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int, default=None, help="show only the first N queries")
     p.add_argument("--title", default=None, help="page title")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("contamination", help="contamination audit: leak queries into the training "
+                                             "data, train, attribute, find the replicas")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory (contamination.json, scores/, stride/)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: the config's methods), e.g. "
+                        "stride,repsim,graddot,trak,logra,bm25")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_contamination)
+
+    p = sub.add_parser("select", help="keep the top-k training examples by aggregate influence "
+                                      "on a run's queries (data selection)")
+    p.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
+                   help="the --out directory of `stride-jax attribute` (scores.npy, ids.json): "
+                        "its --train is the candidate pool, its --queries the targets")
+    p.add_argument("--k", type=int, required=True, help="examples to keep (1 .. pool size)")
+    p.add_argument("--aggregate", choices=("zscore", "mean", "rank"), default="zscore",
+                   help="how per-query scores are combined: zscore (each query standardised, "
+                        "default), mean, or rank (mean per-query rank)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSONL file to write (default: RUN_DIR/selected.jsonl)")
+    p.set_defaults(func=cmd_select)
     return parser
 
 

@@ -118,11 +118,14 @@ def test_attribute_command_end_to_end(pretrained, tmp_path, capsys):
     assert selfinf["ids"] == [f"d{i}" for i in range(120)] and len(selfinf["score"]) == 120
     assert np.isfinite(selfinf["score"]).all()
     assert (tmp_path / "run" / "selfinf" / "stamp.json").is_file()
-    assert "top proponents" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "top proponents" in printed
+    assert "estimated peak memory per stage" in printed and "peak: host" in printed
 
 
 @pytest.mark.parametrize("case", ["no_weights", "bad_train_format", "vocab_mismatch",
-                                  "long_query", "bad_design", "layer_out_of_range", "typo"])
+                                  "long_query", "bad_design", "layer_out_of_range", "typo",
+                                  "memory_budget"])
 def test_attribute_command_bad_input(pretrained, tmp_path, capsys, case):
     res, model_dir, _, _ = pretrained
     _write_pairs(tmp_path, res)
@@ -131,7 +134,7 @@ def test_attribute_command_bad_input(pretrained, tmp_path, capsys, case):
     expect = {"no_weights": "model.safetensors", "bad_train_format": "line 1",
               "vocab_mismatch": "tokenizer has", "long_query": "seq_len",
               "bad_design": "per_example", "layer_out_of_range": "out of range",
-              "typo": "did you mean"}[case]
+              "typo": "did you mean", "memory_budget": "stage needs about"}[case]
     if case == "no_weights":
         import shutil
         broken = tmp_path / "m"
@@ -154,6 +157,8 @@ def test_attribute_command_bad_input(pretrained, tmp_path, capsys, case):
         args += ["steering.layer=7"]
     elif case == "typo":
         args += ["train.epoch=3"]
+    elif case == "memory_budget":
+        args += ["--memory-budget", "1MiB"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert expect in err, err

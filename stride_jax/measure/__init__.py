@@ -47,7 +47,7 @@ class Responses(NamedTuple):
 def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Array,
                       queries: TokenizedSet, cfg: MeasureConfig = MeasureConfig(), *,
                       progress: bool = False, mesh: "SubsetMesh | None" = None,
-                      per_token: bool = False) -> Responses:
+                      per_token: bool = False, compiled_memory: dict | None = None) -> Responses:
     """``y[q, k]`` for every query and subset (see the module docstring).
 
     With a ``mesh`` each chunk of ``subset_chunk`` operators is split over the devices (the
@@ -126,6 +126,9 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
             coef_c = coef_pad[c * S:(c + 1) * S]
             if mesh is not None:
                 coef_c = mesh.shard(coef_c)
+            if compiled_memory is not None and start == 0 and c == 0:
+                from stride_jax.train._train import _memory_analysis
+                compiled_memory.update(_memory_analysis(chunk_response, rows, logp, coef_c))
             out, out_tok = chunk_response(rows, logp, coef_c)
             lo, hi = c * S, min((c + 1) * S, K)
             y[start:stop, lo:hi] = np.asarray(out)[: stop - start, : hi - lo]

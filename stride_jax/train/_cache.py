@@ -107,7 +107,7 @@ def _open_disk_cache(directory: Path, shapes, fingerprint: str):
         if fresh or not path.is_file():
             arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
         else:
-            arrays[name] = np.load(path, mmap_mode="r+")
+            arrays[name] = np.load(path, mmap_mode="r+", allow_pickle=False)
     done = 0 if fresh else int(meta.get("rows_done", 0))
     if fresh:
         _mark_progress(directory, 0, fingerprint, arrays)

@@ -298,6 +298,13 @@ def _place_state(state: OperatorState, mesh: "SubsetMesh") -> OperatorState:
                          mesh.replicate(state.step))
 
 
+def _memory_analysis(fn, *args) -> dict:
+    """XLA's byte counts for ``fn`` compiled on ``args`` (an extra AOT compile)."""
+    m = fn.lower(*args).compile().memory_analysis()
+    return {"temp": int(m.temp_size_in_bytes), "argument": int(m.argument_size_in_bytes),
+            "output": int(m.output_size_in_bytes)}
+
+
 class TrainOutput(NamedTuple):
     state: OperatorState
     history: list[dict[str, float]]
@@ -308,7 +315,8 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
                     checkpoint_dir: str | Path | None = None, fingerprint: str = "",
                     progress: bool = True,
                     on_step: Callable[[int], None] | None = None,
-                    mesh: "SubsetMesh | None" = None) -> TrainOutput:
+                    mesh: "SubsetMesh | None" = None,
+                    compiled_memory: dict | None = None) -> TrainOutput:
     """Train the basis and all K coefficient matrices; resumable from ``checkpoint_dir``.
 
     Args:
@@ -323,6 +331,9 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
       mesh: split the subset axis over devices (:mod:`stride_jax.parallel`): each device holds
         ``K / D`` operators with their Adam moments and computes the losses of its share of each
         step's chunk; None (one device) adds no sharding annotations.
+      compiled_memory: if a dict, filled with XLA's memory analysis of the compiled training step
+        (``temp``, ``argument``, ``output`` bytes), which calibrates
+        :mod:`stride_jax.parallel.memory`.
     """
     from stride_jax.train._checkpoint import OperatorCheckpointer
 
@@ -458,6 +469,8 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     for step in range(start, len(schedule)):
         chunk_ids = jnp.asarray(schedule[step])
         idx = sampler(jnp.int32(step), chunk_ids)
+        if compiled_memory is not None and step == start:
+            compiled_memory.update(_memory_analysis(train_step, state, chunk_ids, idx))
         new_state, loss, (fid, stab, lin, total) = train_step(state, chunk_ids, idx)
         loss_f = float(loss)
         if compile_s is None:

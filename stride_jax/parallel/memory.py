@@ -1,0 +1,234 @@
+"""Memory planning: the peak memory of each STRIDE stage, from the config and the shapes alone.
+
+Before a run, :func:`plan_memory` estimates the bytes each stage holds at its peak, on the host
+and per device, and (given a budget) shrinks the chunk sizes that do not change results
+(``measure.query_batch``, ``measure.subset_chunk``, ``solve.query_chunk``) until every stage fits.
+Settings that do change results (``train.subsets_per_step``, rows, tokens, K, rank) are never
+touched: when they do not fit, the plan refuses, naming the stage and the settings to lower.
+
+Estimates, in float32 bytes (``b`` rows and ``bs`` stability rows per subset, ``T'`` scored
+positions per row, ``S`` subsets per device per step, ``C`` the operator output width, ``V`` the
+vocabulary, ``D`` devices):
+
+* design: ``12 n d`` (sorted pairs, CSR, per-example slots) plus padded members ``4 K max|S_k|``;
+* activation cache: ``4 n T (D_reader + d_final)`` on the host, the same again on each device
+  during training (the cache is replicated), plus the token arrays ``12 n T``;
+* operator state: coefficients and two Adam moments, ``12 K r C / D``;
+* training step (XLA temporaries): the steered log-softmax over the vocabulary for every
+  (subset, row, position), ``c_train * S (b + bs) T' V`` floats, plus the chunk's gathered
+  coefficients and gradients ``16 S r C``; the residual site adds the upper layers' activations;
+* measurement: ``c_measure * (subset_chunk / D) * query_batch * T * V`` floats plus the base
+  log-probabilities ``3 * query_batch * T * V``;
+* recovery: ``c_solve * query_chunk * (n + K)`` doubles plus the ridge's ``2 K^2`` Gram and
+  eigenvectors.
+
+The constants ``c_*`` are calibrated against XLA's own compiled-memory analysis of the jitted
+training step and measurement chunk (``tests/test_memory.py`` checks the estimates stay within
+a factor of 2 of XLA's numbers on several shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+__all__ = ["MemoryBudgetError", "MemoryPlan", "Shapes", "StageMemory", "format_bytes",
+           "parse_bytes", "plan_memory"]
+
+# Calibrated against XLA's memory_analysis() (see the module docstring).
+C_TRAIN = 2.5
+C_MEASURE = 2.0
+C_SOLVE = 6.0
+
+
+class MemoryBudgetError(ValueError):
+    """No chunking of the result-neutral settings fits the budget."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What the plan needs to know about the model and the data."""
+
+    n: int                 # training rows
+    seq_len: int           # tokens per row
+    num_queries: int
+    d_reader: int
+    d_final: int
+    vocab: int
+    params_bytes: int = 0  # the frozen base model (replicated on every device)
+    upper_layers: int = 0  # layers above the reader (residual site)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageMemory:
+    stage: str
+    host: int              # bytes held on the host
+    device: int            # bytes per device
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    stages: tuple[StageMemory, ...]
+    config: Any            # the AttributeConfig, with chunk sizes possibly lowered
+    budget: int | None
+    changes: tuple[str, ...]
+
+    @property
+    def peak_host(self) -> int:
+        return max(s.host for s in self.stages)
+
+    @property
+    def peak_device(self) -> int:
+        return max(s.device for s in self.stages)
+
+    def format(self) -> str:
+        lines = [f"{'stage':<12} {'host':>10} {'per device':>11}  detail"]
+        for s in self.stages:
+            lines.append(f"{s.stage:<12} {format_bytes(s.host):>10} {format_bytes(s.device):>11}"
+                         f"  {s.detail}")
+        peak = f"peak: host {format_bytes(self.peak_host)}, per device " \
+               f"{format_bytes(self.peak_device)}"
+        if self.budget is not None:
+            peak += f" (budget {format_bytes(self.budget)})"
+        lines.append(peak)
+        for c in self.changes:
+            lines.append(f"  to fit: {c}")
+        return "\n".join(lines)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``'24GiB'``, ``'8 GB'``, ``'512MiB'`` or a plain integer -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read the memory size {text!r}; write e.g. 24GiB, 8GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(b: float) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if b >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{int(b)} B"
+
+
+def _stages(cfg, s: Shapes, devices: int) -> list[StageMemory]:
+    from stride_jax.subsets import default_num_subsets
+    d = cfg.design.per_example
+    K = cfg.design.num_subsets or default_num_subsets(s.n, d)
+    site, r = cfg.steering.site, cfg.steering.rank
+    C = s.vocab if site == "logits" else s.d_final
+    V = s.vocab
+    T = s.seq_len
+    t_cfg = cfg.train
+    Tp = T if t_cfg.tokens_per_row <= 0 else min(t_cfg.tokens_per_row, T)
+    S = max(1, min(t_cfg.subsets_per_step, K) // devices)
+    members = 4 * K * math.ceil(1.5 * s.n * d / K)        # padded to the largest subset
+    design = 12 * s.n * d + members
+    cache = 4 * s.n * T * (s.d_reader + s.d_final)
+    tokens = 12 * s.n * T
+    state = 12 * K * r * C // devices + 3 * 4 * s.d_reader * r
+    rows = t_cfg.rows_per_subset + t_cfg.stability_rows
+    step = C_TRAIN * 4 * S * rows * Tp * V + 16 * S * r * C
+    if site == "residual":
+        # the upper layers rerun on whole rows for every subset (activations kept for backward)
+        step += 4 * S * rows * T * s.d_final * max(1, s.upper_layers) * 12
+    qb = min(cfg.measure.query_batch, s.num_queries)
+    sc = max(1, min(cfg.measure.subset_chunk, K) // devices)
+    measure = C_MEASURE * 4 * sc * qb * T * V + 3 * 4 * qb * T * V
+    if site == "residual":
+        measure += 4 * sc * qb * T * s.d_final * max(1, s.upper_layers) * 4
+    qc = min(cfg.solve.query_chunk, s.num_queries)
+    solve = C_SOLVE * 8 * qc * (s.n + K) + (2 * 8 * K * K if cfg.solve.estimator != "lasso" else 0)
+    p = s.params_bytes
+    return [
+        StageMemory("design", design, 0, f"K={K}, d={d}"),
+        StageMemory("cache", cache + tokens, p + 4 * 64 * T * (s.d_reader + s.d_final),
+                    f"{s.n} rows x {T} tokens x {s.d_reader + s.d_final} floats"),
+        StageMemory("train", cache + tokens + design, int(p + cache + tokens + state + step),
+                    f"state {format_bytes(state)}, step {format_bytes(step)} "
+                    f"({S} subsets/device x {rows} rows x {Tp} positions x V={V})"),
+        StageMemory("measure", 4 * s.num_queries * K + 12 * K * r * C,
+                    int(p + 12 * K * r * C // devices + measure),
+                    f"query_batch={qb}, subset_chunk={sc * devices}"),
+        StageMemory("solve", int(solve + 4 * s.num_queries * (K + s.n)), 0,
+                    f"query_chunk={qc}, n={s.n}, K={K}"),
+    ]
+
+
+def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices: int = 1,
+                device_budget: int | str | None = None) -> MemoryPlan:
+    """Estimate each stage's peak; with a budget, lower the result-neutral chunk sizes to fit.
+
+    ``budget`` bounds the host, ``device_budget`` each device (default: the same as ``budget``;
+    on a CPU the two are one memory). Raises :class:`MemoryBudgetError` naming the stage and what
+    to change when even the smallest chunks do not fit.
+    """
+    host_b = parse_bytes(budget) if budget is not None else None
+    dev_b = parse_bytes(device_budget) if device_budget is not None else host_b
+    changes: list[str] = []
+    original = cfg
+    stages = _stages(cfg, shapes, devices)
+    if host_b is None:
+        return MemoryPlan(tuple(stages), cfg, None, ())
+
+    def over(stage: StageMemory) -> bool:
+        return stage.host > host_b or (dev_b is not None and stage.device > dev_b)
+
+    def by_name(name):
+        return next(s for s in stages if s.stage == name)
+
+    # Shrink the result-neutral chunks, halving the largest contributor first.
+    for _ in range(64):
+        if by_name("measure").device <= (dev_b or math.inf) or (
+                cfg.measure.subset_chunk <= devices and cfg.measure.query_batch <= 1):
+            break
+        m = cfg.measure
+        if m.subset_chunk > devices and m.subset_chunk // 2 >= devices:
+            new = max(devices, (m.subset_chunk // 2) // devices * devices)
+            cfg = dataclasses.replace(cfg, measure=dataclasses.replace(m, subset_chunk=new))
+        else:
+            cfg = dataclasses.replace(cfg, measure=dataclasses.replace(
+                m, query_batch=max(1, m.query_batch // 2)))
+        stages = _stages(cfg, shapes, devices)
+    for _ in range(64):
+        if by_name("solve").host <= host_b or cfg.solve.query_chunk <= 1:
+            break
+        cfg = dataclasses.replace(cfg, solve=dataclasses.replace(
+            cfg.solve, query_chunk=max(1, cfg.solve.query_chunk // 2)))
+        stages = _stages(cfg, shapes, devices)
+    for section, key in (("measure", "query_batch"), ("measure", "subset_chunk"),
+                         ("solve", "query_chunk")):
+        was, now = getattr(getattr(original, section), key), getattr(getattr(cfg, section), key)
+        if was != now:
+            changes.append(f"{section}.{key}: {was} -> {now}")
+    plan = MemoryPlan(tuple(stages), cfg, host_b, tuple(changes))
+    bad = [s for s in stages if over(s)]
+    if bad:
+        s = bad[0]
+        fix = {
+            "design": "lower design.per_example or design.num_subsets",
+            "cache": "use fewer or shorter training rows (data.seq_len), or a machine with more "
+                     "memory (the activation cache is n x T x (D_reader + d_final) floats)",
+            "train": "lower train.subsets_per_step, train.rows_per_subset, train.stability_rows "
+                     "or train.tokens_per_row, use the final_hidden site (C = d_model instead of "
+                     "the vocabulary), or shard over more devices (parallel.devices)",
+            "measure": "shard over more devices (parallel.devices) or use the final_hidden site",
+            "solve": "lower design.num_subsets (the ridge Gram is K x K) or use "
+                     "solve.estimator=lasso",
+        }[s.stage]
+        where = "host" if s.host > host_b else "per device"
+        need = s.host if s.host > host_b else s.device
+        raise MemoryBudgetError(
+            f"the {s.stage} stage needs about {format_bytes(need)} ({where}; {s.detail}) but the "
+            f"budget is {format_bytes(host_b if where == 'host' else dev_b)}, even with the "
+            f"smallest result-neutral chunks; {fix}")
+    return plan
