@@ -308,6 +308,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{_key_label(key)}: unsupported annotation {tp!r} in a config dataclass")
 
 
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(
+            out.get(k), Mapping) else v
+    return out
+
+
+def _merge_onto_default(field: dataclasses.Field, value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        return value
+    default = field.default
+    if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    if default is dataclasses.MISSING or not dataclasses.is_dataclass(default):
+        return value
+    return _deep_merge(to_dict(default), value)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
     """Build the dataclass ``cls`` from a (nested) mapping, checking keys and types.
 
@@ -347,6 +366,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
             f"missing required config key(s) for {cls.__name__}: {', '.join(missing)}"
         )
 
+    # A partial mapping for a nested section fills in from that field's own default instance
+    # (e.g. a task's tuned optimiser), not from the section class's defaults.
+    by_name = {f.name: f for f in fields}
+    data = {name: _merge_onto_default(by_name[name], value) for name, value in data.items()}
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)

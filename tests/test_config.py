@@ -279,3 +279,14 @@ def test_from_dict_rejects_non_dataclass_and_local_class():
 
     with pytest.raises(ConfigError, match="module level"):
         from_dict(Local, {})
+
+
+def test_partial_nested_override_keeps_the_fields_own_default():
+    """Overriding one key of a section whose default is a tuned instance (the digits task's
+    optimiser) keeps that instance's other values, not the section class's defaults."""
+    from stride_jax.eval.suite import TaskConfig
+    base = load_config(TaskConfig, None, [])
+    got = load_config(TaskConfig, None, ["digits.optim.batch_size=8"])
+    assert got.digits.optim.batch_size == 8
+    assert dataclasses.replace(got.digits.optim, batch_size=base.digits.optim.batch_size) == \
+        base.digits.optim
