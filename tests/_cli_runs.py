@@ -24,19 +24,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stride_jax.data import Document, write_jsonl
-from stride_jax.recipes import ArchConfig, CorpusConfig, OptimConfig, PretrainConfig, pretrain
+from stride_jax.recipes import pretrain
+from _tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Generous: a slow, shared CI box must not flake; on a 2-core machine a run takes 5-20 s.
 TIMEOUT_S = 300.0
 
-TINY = PretrainConfig(
-    arch=ArchConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                    intermediate_size=64),
-    corpus=CorpusConfig(plays=("macbeth",), seq_len=32, vocab_size=300, heldout_fraction=0.05),
-    optim=OptimConfig(batch_size=16, epochs=0.3, warmup_steps=3, learning_rate=1e-2),
-    sample_tokens=2)
 
 # 40 subsets, 8 per step, 8 epochs: 40 training steps, a checkpoint every 2 (20 in all), and a
 # log point every step, so history.json counts the steps a run executed.

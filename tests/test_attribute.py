@@ -13,15 +13,10 @@ from stride_jax.attributor import AttributeConfig, Attributor, DesignConfig
 from stride_jax.cli import main
 from stride_jax.data import Document, write_jsonl
 from stride_jax.io.stamps import StaleArtifactError
-from stride_jax.recipes import ArchConfig, CorpusConfig, OptimConfig, PretrainConfig, pretrain
+from stride_jax.recipes import pretrain
 from stride_jax.train import OperatorTrainConfig
+from _tiny import TINY
 
-TINY = PretrainConfig(
-    arch=ArchConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                    intermediate_size=64),
-    corpus=CorpusConfig(plays=("macbeth",), seq_len=32, vocab_size=300, heldout_fraction=0.05),
-    optim=OptimConfig(batch_size=16, epochs=0.3, warmup_steps=3, learning_rate=1e-2),
-    sample_tokens=2)
 
 FAST = AttributeConfig(
     design=DesignConfig(num_subsets=40, per_example=4),

@@ -24,17 +24,12 @@ from stride_jax.eval.groundtruth import GroundTruthConfig, run_groundtruth
 from stride_jax.io.atomic import DiskFullError, load_npy, save_npy
 from stride_jax.io.safetensors import load_file, save_file
 from stride_jax.model.hf import from_hf
-from stride_jax.recipes import ArchConfig, CorpusConfig, OptimConfig, PretrainConfig, pretrain
+from stride_jax.recipes import pretrain
 from stride_jax.subsets import bernoulli_design, expander_design
 from stride_jax.tokenizer import load_tokenizer, save_tokenizer
+from _tiny import TINY
 
 # The tiny model of tests/test_attribute.py: 2 blocks, a 300-token vocabulary, 32-token context.
-TINY = PretrainConfig(
-    arch=ArchConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                    intermediate_size=64),
-    corpus=CorpusConfig(plays=("macbeth",), seq_len=32, vocab_size=300, heldout_fraction=0.05),
-    optim=OptimConfig(batch_size=16, epochs=0.3, warmup_steps=3, learning_rate=1e-2),
-    sample_tokens=2)
 
 # Small enough that a case reaching operator training stays a few seconds on 2 cores.
 FAST = ["design.num_subsets=30", "design.per_example=4", "train.epochs=1"]

@@ -6,14 +6,8 @@ from __future__ import annotations
 
 from stride_jax.cli import main
 from stride_jax.config import dump_config
-from stride_jax.recipes import ArchConfig, CorpusConfig, OptimConfig, PretrainConfig
+from _tiny import TINY
 
-TINY = PretrainConfig(
-    arch=ArchConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                    intermediate_size=64),
-    corpus=CorpusConfig(plays=("macbeth",), seq_len=32, vocab_size=300, heldout_fraction=0.05),
-    optim=OptimConfig(batch_size=16, epochs=0.3, warmup_steps=3, learning_rate=1e-2),
-    sample_tokens=2)
 SMALL = ["design.num_subsets=40", "design.per_example=4", "train.epochs=2",
          "train.subsets_per_step=40", "steering.rank=4"]
 

@@ -1,0 +1,11 @@
+"""The tiny pretraining config shared by the tests that need a real (if tiny) trained model:
+2 layers, d=32, a 300-token BPE on Macbeth, a third of an epoch (a few seconds on 2 cores)."""
+
+from stride_jax.recipes import ArchConfig, CorpusConfig, OptimConfig, PretrainConfig
+
+TINY = PretrainConfig(
+    arch=ArchConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                    intermediate_size=64),
+    corpus=CorpusConfig(plays=("macbeth",), seq_len=32, vocab_size=300, heldout_fraction=0.05),
+    optim=OptimConfig(batch_size=16, epochs=0.3, warmup_steps=3, learning_rate=1e-2),
+    sample_tokens=2)
