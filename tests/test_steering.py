@@ -223,7 +223,8 @@ def test_nan_in_training_stops_with_step_and_subset(setup, tmp_path):
     bad_reader = np.array(cache.reader)
     bad_reader[design.members(5)] = np.nan
     bad = cache._replace(reader=bad_reader)
-    with pytest.raises(NonFiniteOperatorLossError, match=r"step \d+ \(subset \d+\)"):
+    with pytest.raises(NonFiniteOperatorLossError,
+                       match=r"at step \d+ of \d+ \(first bad subset: \d+\)"):
         train_operators(lm, bad, data, design, SteeringConfig(), SMALL_TRAIN,
                         key=jax.random.key(0), progress=False)
 

@@ -89,7 +89,7 @@ def test_cli_evaluate_refuses_mismatched_scores(tmp_path, capsys):
     assert "queries ids" in capsys.readouterr().err
     (bad / "x.npy").write_text("not an array")
     assert main(["evaluate", "--scores", str(bad / "x.npy"), "--groundtruth", str(gt)]) == 2
-    assert "not a .npy array" in capsys.readouterr().err
+    assert "is not a .npy file (it lacks the .npy header)" in capsys.readouterr().err
     assert main(["evaluate", "--scores", str(bad / "scores.npy"),
                  "--groundtruth", str(tmp_path / "nope")]) == 2
     assert "stride-jax groundtruth" in capsys.readouterr().err
