@@ -80,6 +80,20 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Where the frozen model's activations on the training set live during operator training."""
+
+    location: Literal["auto", "memory", "disk"] = option(
+        "auto", "memory: the whole cache on the device; disk: memory-mapped files under the run "
+                "directory, each training step's rows streamed to the device (device memory "
+                "flat in n); auto: disk when the cache exceeds memory_limit and there is a run "
+                "directory")
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32", "bfloat16 halves the cache (changes results slightly; stamped)")
+    memory_limit: str = option("4GiB", "largest cache kept in memory with location=auto")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttributeConfig:
     """A whole STRIDE run."""
 
@@ -90,6 +104,7 @@ class AttributeConfig:
     solve: SolveConfig = option(SolveConfig(), "sparse recovery")
     data: DataConfig = option(DataConfig(), "tokenization of text inputs (CLI)")
     parallel: ParallelConfig = option(ParallelConfig(), "devices sharing the subset axis")
+    cache: CacheConfig = option(CacheConfig(), "the activation cache of operator training")
     seed: int = option(0, "the one seed of the run")
     topk: int = option(10, "proponents and opponents listed per query in topk.jsonl")
     token_queries: int = option(16, "queries (the first ones) whose per-token attribution of "
@@ -213,6 +228,8 @@ class Attributor:
         # Not part of any stamp: the device count changes float rounding only, so a run may be
         # resumed or reused on another number of devices.
         self.mesh = make_mesh(config.parallel)
+        from stride_jax.parallel.memory import parse_bytes
+        parse_bytes(config.cache.memory_limit)
         self._design: Design | None = None
         self._ops: Operators | None = None
         self.history: list[dict] = []
@@ -228,11 +245,25 @@ class Attributor:
             return base
         base.update(model=self.lm.fingerprint, layer=self.lm.layer,
                     train_rows=rows_fingerprint(self.train), steering=to_dict(c.steering),
-                    train=to_dict(c.train))
+                    train=to_dict(c.train), cache_dtype=c.cache.dtype)
         return base
 
     def _stage_dir(self, name: str) -> Path | None:
         return None if self.workdir is None else self.workdir / name
+
+    def _cache_on_disk(self) -> bool:
+        c = self.config.cache
+        if c.location == "memory":
+            return False
+        if self.workdir is None:
+            if c.location == "disk":
+                raise ValueError("cache.location=disk needs a run directory (workdir / --out)")
+            return False
+        if c.location == "disk":
+            return True
+        from stride_jax.parallel.memory import parse_bytes
+        width = (self.lm.d_reader + self.lm.d_final) * (4 if c.dtype == "float32" else 2)
+        return len(self.train) * self.train.seq_len * width > parse_bytes(c.memory_limit)
 
     # -- stages --------------------------------------------------------------------------------
     @property
@@ -278,17 +309,23 @@ class Attributor:
                                                 overwrite=self.overwrite):
             self._ops = Operators.load(directory / "operators.npz")
             return self._ops
-        cache = build_cache(self.lm, self.train, progress=self.progress)
+        on_disk = self._cache_on_disk()
+        cache = build_cache(self.lm, self.train, progress=self.progress, dtype=self.config.cache.dtype,
+                            directory=directory / "cache" if on_disk else None)
         out = train_operators(
             self.lm, cache, self.train, design, self.config.steering, self.config.train,
             key=jax.random.fold_in(self.root, 1),
             checkpoint_dir=None if directory is None else directory / "checkpoints",
-            fingerprint=array_fingerprint(extra=payload), progress=self.progress, mesh=self.mesh)
+            fingerprint=array_fingerprint(extra=payload), progress=self.progress, mesh=self.mesh,
+            stream=on_disk)
         self._ops, self.history = Operators(out.state.basis, out.state.coef), out.history
         if directory is not None:
             self._ops.save(directory / "operators.npz")
             atomic_write_text(directory / "history.json", json.dumps(out.history, indent=1))
             complete_stage(directory, "operators", payload)
+            if on_disk:   # only training reads the cache; it can be as large as the data
+                import shutil
+                shutil.rmtree(directory / "cache", ignore_errors=True)
         return self._ops
 
     def measure(self, queries: TokenizedSet) -> Responses:

@@ -23,7 +23,8 @@ from stride_jax.steering import LMFunctions
 
 
 class ActivationCache(NamedTuple):
-    """``reader [n, T, D]`` (reader layer) and ``final [n, T, d]`` (final hidden), float32."""
+    """``reader [n, T, D]`` (reader layer) and ``final [n, T, d]`` (final hidden), float32 or
+    bfloat16, in memory or memory-mapped from disk."""
 
     reader: np.ndarray
     final: np.ndarray
@@ -36,11 +37,21 @@ class ActivationCache(NamedTuple):
         return int(self.reader.nbytes + self.final.nbytes)
 
 
-def _feature_fn(lm: LMFunctions):
+DTYPES = ("float32", "bfloat16")
+
+
+def _np_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"cache dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    import ml_dtypes
+    return np.dtype(np.float32) if name == "float32" else np.dtype(ml_dtypes.bfloat16)
+
+
+def _feature_fn(lm: LMFunctions, dtype):
     @jax.jit
     def run(params, ids, mask):
         h_reader, h_final = lm.features(params, ids, mask)
-        return h_reader.astype(jnp.float32), h_final.astype(jnp.float32)
+        return h_reader.astype(dtype), h_final.astype(dtype)
     return run
 
 
@@ -61,20 +72,24 @@ def check_rows_fit(lm: LMFunctions, data: TokenizedSet, what: str) -> None:
 
 
 def build_cache(lm: LMFunctions, data: TokenizedSet, *, batch_size: int = 64,
-                directory: str | os.PathLike | None = None, progress: bool = False) -> ActivationCache:
+                directory: str | os.PathLike | None = None, progress: bool = False,
+                dtype: str = "float32") -> ActivationCache:
     """Run the frozen model over ``data`` once; keep reader and final activations.
 
-    Batches are padded to a fixed shape so the feature function compiles once.
+    Batches are padded to a fixed shape so the feature function compiles once. ``dtype``
+    ``bfloat16`` halves the cache (activations rounded to 8 mantissa bits); ``directory`` keeps
+    it in memory-mapped files that a killed build resumes chunk by chunk.
     """
     check_rows_fit(lm, data, "training")
     n, t = data.input_ids.shape
-    run = _feature_fn(lm)
+    np_dtype = _np_dtype(dtype)
+    run = _feature_fn(lm, jnp.dtype(np_dtype))
     shapes = {"reader": (n, t, lm.d_reader), "final": (n, t, lm.d_final)}
     if directory is None:
-        arrays = {k: np.empty(s, np.float32) for k, s in shapes.items()}
+        arrays = {k: np.empty(s, np_dtype) for k, s in shapes.items()}
         done = 0
     else:
-        arrays, done = _open_disk_cache(Path(directory), shapes, lm.fingerprint)
+        arrays, done = _open_disk_cache(Path(directory), shapes, lm.fingerprint, dtype)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -87,7 +102,7 @@ def build_cache(lm: LMFunctions, data: TokenizedSet, *, batch_size: int = 64,
         arrays["reader"][start:stop] = np.asarray(hr)[: stop - start]
         arrays["final"][start:stop] = np.asarray(hf)[: stop - start]
         if directory is not None:
-            _mark_progress(Path(directory), stop, lm.fingerprint, arrays)
+            _mark_progress(Path(directory), stop, lm.fingerprint, arrays, dtype)
         if bar is not None:
             bar.update(stop - start)
     if bar is not None:
@@ -95,30 +110,34 @@ def build_cache(lm: LMFunctions, data: TokenizedSet, *, batch_size: int = 64,
     return ActivationCache(arrays["reader"], arrays["final"])
 
 
-def _open_disk_cache(directory: Path, shapes, fingerprint: str):
+def _open_disk_cache(directory: Path, shapes, fingerprint: str, dtype: str = "float32"):
     directory.mkdir(parents=True, exist_ok=True)
     meta_path = directory / "cache.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     fresh = meta is None or meta.get("fingerprint") != fingerprint or \
-        {k: list(v) for k, v in shapes.items()} != meta.get("shapes")
+        {k: list(v) for k, v in shapes.items()} != meta.get("shapes") or \
+        meta.get("dtype", "float32") != dtype
+    np_dtype = _np_dtype(dtype)
     arrays = {}
     for name, shape in shapes.items():
         path = directory / f"{name}.npy"
         if fresh or not path.is_file():
-            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape)
         else:
-            arrays[name] = np.load(path, mmap_mode="r+", allow_pickle=False)
+            # .npy stores bfloat16 as opaque 2-byte records: view them as what they are.
+            arrays[name] = np.load(path, mmap_mode="r+", allow_pickle=False).view(np_dtype)
     done = 0 if fresh else int(meta.get("rows_done", 0))
     if fresh:
-        _mark_progress(directory, 0, fingerprint, arrays)
+        _mark_progress(directory, 0, fingerprint, arrays, dtype)
     return arrays, done
 
 
-def _mark_progress(directory: Path, rows_done: int, fingerprint: str, arrays) -> None:
+def _mark_progress(directory: Path, rows_done: int, fingerprint: str, arrays,
+                   dtype: str = "float32") -> None:
     from stride_jax.io.atomic import atomic_write_text
     for a in arrays.values():
         if isinstance(a, np.memmap):
             a.flush()
     atomic_write_text(directory / "cache.json", json.dumps(
-        {"fingerprint": fingerprint, "rows_done": rows_done,
+        {"fingerprint": fingerprint, "rows_done": rows_done, "dtype": dtype,
          "shapes": {k: list(v.shape) for k, v in arrays.items()}}))

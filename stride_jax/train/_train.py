@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -316,7 +315,7 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
                     progress: bool = True,
                     on_step: Callable[[int], None] | None = None,
                     mesh: "SubsetMesh | None" = None,
-                    compiled_memory: dict | None = None) -> TrainOutput:
+                    compiled_memory: dict | None = None, stream: bool = False) -> TrainOutput:
     """Train the basis and all K coefficient matrices; resumable from ``checkpoint_dir``.
 
     Args:
@@ -331,6 +330,8 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
       mesh: split the subset axis over devices (:mod:`stride_jax.parallel`): each device holds
         ``K / D`` operators with their Adam moments and computes the losses of its share of each
         step's chunk; None (one device) adds no sharding annotations.
+      stream: keep the activation cache on the host (e.g. memory-mapped from disk) and send each
+        step only its own rows, instead of putting the whole cache on the device; same result.
       compiled_memory: if a dict, filled with XLA's memory analysis of the compiled training step
         (``temp``, ``argument``, ``output`` bytes), which calibrates
         :mod:`stride_jax.parallel.memory`.
@@ -362,12 +363,18 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
                               "train.subsets_per_step": int(schedule.shape[1])})
         state = _place_state(state, mesh)
     sampler = make_sampler(members, sizes, data.loss_mask, cfg, key=k_rows)
-    cache_d = {"reader": jnp.asarray(cache.reader), "final": jnp.asarray(cache.final)}
-    data_d = {"input_ids": jnp.asarray(data.input_ids),
-              "attention_mask": jnp.asarray(data.attention_mask),
-              "targets": jnp.asarray(data.target_ids())}
-    if mesh is not None:
-        cache_d, data_d = mesh.replicate(cache_d), mesh.replicate(data_d)
+    targets_h = data.target_ids()
+    if stream:
+        # Only each step's rows go to the device (gathered on the host, e.g. from a memory-mapped
+        # on-disk cache), so device memory does not grow with n.
+        cache_d = data_d = None
+    else:
+        cache_d = {"reader": jnp.asarray(cache.reader), "final": jnp.asarray(cache.final)}
+        data_d = {"input_ids": jnp.asarray(data.input_ids),
+                  "attention_mask": jnp.asarray(data.attention_mask),
+                  "targets": jnp.asarray(targets_h)}
+        if mesh is not None:
+            cache_d, data_d = mesh.replicate(cache_d), mesh.replicate(data_d)
     by_subset = mesh.constrain if mesh is not None else (lambda x: x)
 
     # Linearity: a fixed probe batch and the sketched design M R (K x q).
@@ -385,8 +392,31 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
                                          jnp.asarray(data.loss_mask)[probe_rows], tokens)
     else:
         MR = probe_rows = ppos = pvalid = None
+    probe_h = None if probe_rows is None else np.asarray(probe_rows)
+    if stream and lin_on:
+        # The probe rows ride along at the end of every step's gathered batch.
+        n_fid = schedule.shape[1] * cfg.rows_per_subset
+        probe_rows = jnp.arange(n_fid + cfg.stability_rows,
+                                n_fid + cfg.stability_rows + len(probe_h), dtype=jnp.int32)
 
-    def loss_fn(basis, coef_s, chunk_ids, idx: Indices):
+    def step_rows(idx: Indices):
+        """Streaming: gather this step's rows on the host; indices become local positions."""
+        fid = np.asarray(idx.fid_rows)
+        stab = np.asarray(idx.stab_rows)
+        rows = np.concatenate([fid.ravel(), stab] + ([probe_h] if lin_on else []))
+        local_c = {"reader": jnp.asarray(cache.reader[rows]),
+                   "final": jnp.asarray(cache.final[rows])}
+        local_d = {"input_ids": jnp.asarray(data.input_ids[rows]),
+                   "attention_mask": jnp.asarray(data.attention_mask[rows]),
+                   "targets": jnp.asarray(targets_h[rows])}
+        if mesh is not None:
+            local_c, local_d = mesh.replicate(local_c), mesh.replicate(local_d)
+        idx = idx._replace(
+            fid_rows=jnp.arange(fid.size, dtype=jnp.int32).reshape(fid.shape),
+            stab_rows=jnp.arange(fid.size, fid.size + stab.size, dtype=jnp.int32))
+        return idx, local_c, local_d
+
+    def loss_fn(basis, coef_s, chunk_ids, idx: Indices, cache_d, data_d):
         fid = jax.vmap(lambda r, p, v: gather_rows(cache_d, data_d, r, p, v, site))(
             idx.fid_rows, idx.fid_pos, idx.fid_valid)
         stab = gather_rows(cache_d, data_d, idx.stab_rows, idx.stab_pos, idx.stab_valid, site)
@@ -424,7 +454,7 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
 
     # Donating the state lets XLA update the [K, r, C] buffers in place.
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def train_step(state: OperatorState, chunk_ids, idx: Indices):
+    def train_step(state: OperatorState, chunk_ids, idx: Indices, cache_d, data_d):
         # With a mesh, each device takes its share of the chunk's subsets (rows, positions and
         # coefficients); the basis gradient is summed across devices by XLA.
         idx = idx._replace(fid_rows=by_subset(idx.fid_rows), fid_pos=by_subset(idx.fid_pos),
@@ -432,7 +462,7 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
                            stab_member=by_subset(idx.stab_member))
         coef_s = by_subset(state.coef[chunk_ids])
         (loss, aux), (g_basis, g_coef) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            state.basis, coef_s, chunk_ids, idx)
+            state.basis, coef_s, chunk_ids, idx, cache_d, data_d)
         upd, basis_opt = basis_tx.update(g_basis, state.basis_opt, state.basis)
         basis = optax.apply_updates(state.basis, upd)
         # Per-subset ("lazy") Adam on the visited coefficients only.
@@ -469,9 +499,14 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     for step in range(start, len(schedule)):
         chunk_ids = jnp.asarray(schedule[step])
         idx = sampler(jnp.int32(step), chunk_ids)
+        step_cache, step_data = cache_d, data_d
+        if stream:
+            idx, step_cache, step_data = step_rows(idx)
         if compiled_memory is not None and step == start:
-            compiled_memory.update(_memory_analysis(train_step, state, chunk_ids, idx))
-        new_state, loss, (fid, stab, lin, total) = train_step(state, chunk_ids, idx)
+            compiled_memory.update(_memory_analysis(train_step, state, chunk_ids, idx,
+                                                    step_cache, step_data))
+        new_state, loss, (fid, stab, lin, total) = train_step(state, chunk_ids, idx, step_cache,
+                                                              step_data)
         loss_f = float(loss)
         if compile_s is None:
             compile_s = time.perf_counter() - t0
