@@ -9,3 +9,17 @@ TINY = PretrainConfig(
     corpus=CorpusConfig(plays=("macbeth",), seq_len=32, vocab_size=300, heldout_fraction=0.05),
     optim=OptimConfig(batch_size=16, epochs=0.3, warmup_steps=3, learning_rate=1e-2),
     sample_tokens=2)
+
+
+def random_rows(n: int, seq: int, vocab: int, seed: int, prefix: str = "r"):
+    """``n`` rows of ``seq`` uniform random tokens, every next token scored (synthetic data)."""
+    import numpy as np
+
+    from stride_jax.data import TokenizedSet
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (n, seq)).astype(np.int32)
+    mask = np.ones_like(ids)
+    loss = mask.copy()
+    loss[:, -1] = 0
+    names = [f"{prefix}{i}" for i in range(n)]
+    return TokenizedSet(names, ids, mask, loss, names)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 import pytest
 
 from stride_jax.attributor import AttributeConfig, DesignConfig
-from stride_jax.data import TokenizedSet
 from stride_jax.measure import MeasureConfig, measure_responses
 from stride_jax.model.config import tiny_llama
 from stride_jax.model.transformer import init_model
@@ -19,16 +17,7 @@ from stride_jax.solve import SolveConfig
 from stride_jax.steering import SteeringConfig, from_causal_lm
 from stride_jax.subsets import expander_design
 from stride_jax.train import OperatorTrainConfig, build_cache, train_operators
-
-
-def _rows(n, T, V, seed):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, V, (n, T)).astype(np.int32)
-    mask = np.ones_like(ids)
-    loss = mask.copy()
-    loss[:, -1] = 0
-    names = [str(i) for i in range(n)]
-    return TokenizedSet(names, ids, mask, loss, names)
+from _tiny import random_rows
 
 
 @pytest.mark.parametrize("site, V", [("logits", 1024), ("final_hidden", 1024), ("residual", 512)])
@@ -37,7 +26,7 @@ def test_estimates_track_xla_compiled_memory(site, V):
     model = init_model(tiny_llama(vocab_size=V, hidden_size=32, num_heads=2, num_kv_heads=1,
                                   head_dim=16, intermediate_size=64, num_layers=3), seed=0)
     lm = from_causal_lm(model, 1)
-    train, queries = _rows(n, T, V, 0), _rows(6, T, V, 1)
+    train, queries = random_rows(n, T, V, 0), random_rows(6, T, V, 1)
     cfg = AttributeConfig(
         design=DesignConfig(num_subsets=K, per_example=4), steering=SteeringConfig(site=site, rank=8),
         train=OperatorTrainConfig(epochs=1, subsets_per_step=16, rows_per_subset=4,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from stride_jax.attributor import AttributeConfig, Attributor, DesignConfig
-from stride_jax.data import TokenizedSet
 from stride_jax.io.stamps import StaleArtifactError
 from stride_jax.model.config import tiny_llama
 from stride_jax.model.transformer import init_model
 from stride_jax.solve import SolveConfig
 from stride_jax.steering import SteeringConfig
 from stride_jax.train import OperatorTrainConfig
+from _tiny import random_rows
 
 CFG = AttributeConfig(
     design=DesignConfig(num_subsets=16, per_example=3),
@@ -25,16 +25,6 @@ CFG = AttributeConfig(
     train=OperatorTrainConfig(epochs=1, subsets_per_step=16, rows_per_subset=2, stability_rows=2,
                               tokens_per_row=4),
     solve=SolveConfig(estimator="lasso", lam=1e-3))
-
-
-def _rows(n: int, seed: int, prefix: str) -> TokenizedSet:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 64, (n, 8)).astype(np.int32)
-    mask = np.ones_like(ids)
-    loss = mask.copy()
-    loss[:, -1] = 0
-    names = [f"{prefix}{i}" for i in range(n)]
-    return TokenizedSet(names, ids, mask, loss, names)
 
 
 def _model(seed: int = 0):
@@ -45,7 +35,8 @@ def _model(seed: int = 0):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("stamped")
-    model, train, queries = _model(), _rows(40, 0, "t"), _rows(3, 1, "q")
+    model, train = _model(), random_rows(40, 8, 64, 0, "t")
+    queries = random_rows(3, 8, 64, 1, "q")
     out = Attributor(model, train, CFG, workdir=work, progress=False).attribute(queries)
     return work, model, train, queries, out
 
@@ -91,13 +82,13 @@ def test_new_queries_reuse_operators_and_same_arguments_reuse_everything(run, tm
     again = att.attribute(queries)
     np.testing.assert_array_equal(again.scores_qn, out.scores_qn)
     assert att.history == []                    # operators were loaded, not retrained
-    other_q = _rows(2, 5, "p")
+    other_q = random_rows(2, 8, 64, 5, "p")
     att.attribute(other_q)                      # a second responses directory, no refusal
     assert len(list((work / "responses").glob("*/stamp.json"))) == 2
 
 
 def test_overwrite_replaces_a_stale_stage(tmp_path):
-    model, train, queries = _model(), _rows(40, 0, "t"), _rows(3, 1, "q")
+    model, train = _model(), random_rows(40, 8, 64, 0, "t")
     Attributor(model, train, CFG, workdir=tmp_path, progress=False).fit_operators()
     other = dataclasses.replace(CFG, seed=1)
     with pytest.raises(StaleArtifactError, match="seed: 0 -> 1"):

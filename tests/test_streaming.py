@@ -7,22 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from stride_jax.data import TokenizedSet
 from stride_jax.model.config import tiny_llama
 from stride_jax.model.transformer import init_model
 from stride_jax.steering import SteeringConfig, from_causal_lm
 from stride_jax.subsets import expander_design
 from stride_jax.train import OperatorTrainConfig, build_cache, train_operators
-
-
-def _rows(n, T, V, seed):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, V, (n, T)).astype(np.int32)
-    mask = np.ones_like(ids)
-    loss = mask.copy()
-    loss[:, -1] = 0
-    names = [str(i) for i in range(n)]
-    return TokenizedSet(names, ids, mask, loss, names)
+from _tiny import random_rows
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +20,7 @@ def setup():
     model = init_model(tiny_llama(vocab_size=64, hidden_size=16, num_heads=2, num_kv_heads=1,
                                   head_dim=8, intermediate_size=32, num_layers=2), seed=0)
     lm = from_causal_lm(model, 0)
-    data = _rows(60, 12, 64, 0)
+    data = random_rows(60, 12, 64, 0)
     return lm, data, build_cache(lm, data), expander_design(60, 16, 4, key=jax.random.key(0))
 
 
@@ -59,7 +49,7 @@ def test_attributor_disk_cache_streams_and_matches_memory(tmp_path):
     from stride_jax.solve import SolveConfig
     model = init_model(tiny_llama(vocab_size=64, hidden_size=16, num_heads=2, num_kv_heads=1,
                                   head_dim=8, intermediate_size=32, num_layers=2), seed=0)
-    train, queries = _rows(50, 10, 64, 0), _rows(3, 10, 64, 1)
+    train, queries = random_rows(50, 10, 64, 0), random_rows(3, 10, 64, 1)
     cfg = AttributeConfig(
         design=DesignConfig(num_subsets=16, per_example=3), steering=SteeringConfig(rank=4),
         train=OperatorTrainConfig(epochs=2, subsets_per_step=8, rows_per_subset=2,
