@@ -97,7 +97,9 @@ def test_every_config_file_parses():
     from stride_jax.attributor import AttributeConfig
     from stride_jax.eval.suite import TaskConfig
     from stride_jax.recipes import PretrainConfig as P
-    kinds = {"pretrain": P, "attribute": AttributeConfig, "task": TaskConfig}
+    from stride_jax.tasks.contamination import ContaminationConfig
+    kinds = {"pretrain": P, "attribute": AttributeConfig, "task": TaskConfig,
+             "contamination": ContaminationConfig}
     files = sorted(CONFIGS.glob("*.yaml"))
     assert files, "configs/ is empty"
     for f in files:
