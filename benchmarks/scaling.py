@@ -702,6 +702,25 @@ def print_tables(results: list[dict]) -> None:
     print_table(rows, STAGE_MEM_COLS)
 
 
+def print_linearity(lin: dict) -> None:
+    if not lin:
+        return
+    print("\nlinearity in n (log-log slope; 1 = linear; fit t = fixed_s + per_million_rows_s "
+          "* n / 1e6):")
+    rows = []
+    for series, e in lin.items():
+        for what in ("total",) + STAGES + ("peak_rss", "peak_anon"):
+            f = e.get(what)
+            if f:
+                rows.append({"series": series, "what": what,
+                             "n": f"{f['n_range'][0]}..{f['n_range'][1]}", "slope": f["slope"],
+                             "last_two_slope": f["last_two_slope"], "fixed_s": f["fixed_s"],
+                             "per_million_rows_s": f["per_million_rows_s"],
+                             "max_rel_residual": f["max_rel_residual"]})
+    print_table(rows, ["series", "what", "n", "slope", "last_two_slope", "fixed_s",
+                       "per_million_rows_s", "max_rel_residual"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", default="n,K,Q", help="comma-separated: n, K, Q")
@@ -724,6 +743,8 @@ def main(argv=None) -> int:
                         "(default: off, so every run compiles from scratch; with --quick "
                         "WORKDIR/xla_cache)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: print the tables and redraw the plot of the results file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -738,6 +759,14 @@ def main(argv=None) -> int:
             previous = json.loads(out.read_text()).get("results", [])
         except (OSError, ValueError):
             previous = []
+    if args.report:
+        doc = json.loads(out.read_text())
+        doc["linearity"] = linearity(doc["results"])
+        print_tables(doc["results"])
+        print_linearity(doc["linearity"])
+        if not args.no_plot:
+            print(f"plot: {plot(doc, out.with_suffix('.png'))}")
+        return 0
     specs = configurations(args)
     if not specs:
         print("no configuration selected", file=sys.stderr)
@@ -776,20 +805,7 @@ def main(argv=None) -> int:
         write()
     doc = write()
     print_tables(ran)
-    lin = doc["linearity"]
-    if lin:
-        print("\nlinearity in n (log-log slope of wall time; 1 = linear):")
-        lrows = []
-        for series, e in lin.items():
-            for what in ("total",) + STAGES + ("peak_rss", "peak_anon"):
-                f = e.get(what)
-                if f:
-                    lrows.append({"series": series, "what": what, "n": f"{f['n_range'][0]}.."
-                                  f"{f['n_range'][1]}", "slope": f["slope"],
-                                  "last_two_slope": f["last_two_slope"], "fixed_s": f["fixed_s"],
-                                  "per_million_rows_s": f["per_million_rows_s"]})
-        print_table(lrows, ["series", "what", "n", "slope", "last_two_slope", "fixed_s",
-                            "per_million_rows_s"])
+    print_linearity(doc["linearity"])
     if not args.no_plot:
         png = plot(doc, out.with_suffix(".png"))
         if png:
