@@ -31,6 +31,7 @@ Keys: one seed, ``root = key(seed)``; the design uses ``fold_in(root, 0)``, trai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -244,26 +245,23 @@ class Attributor:
         if stage == "design":
             return base
         base.update(model=self.lm.fingerprint, layer=self.lm.layer,
-                    train_rows=rows_fingerprint(self.train), steering=to_dict(c.steering),
+                    train_rows=self._train_fingerprint, steering=to_dict(c.steering),
                     train=to_dict(c.train), cache_dtype=c.cache.dtype)
         return base
+
+    @functools.cached_property
+    def _train_fingerprint(self) -> str:
+        # Hashing every training row is O(n T); every stage's stamp needs it.
+        return rows_fingerprint(self.train)
 
     def _stage_dir(self, name: str) -> Path | None:
         return None if self.workdir is None else self.workdir / name
 
     def _cache_on_disk(self) -> bool:
-        c = self.config.cache
-        if c.location == "memory":
-            return False
-        if self.workdir is None:
-            if c.location == "disk":
-                raise ValueError("cache.location=disk needs a run directory (workdir / --out)")
-            return False
-        if c.location == "disk":
-            return True
-        from stride_jax.parallel.memory import parse_bytes
-        width = (self.lm.d_reader + self.lm.d_final) * (4 if c.dtype == "float32" else 2)
-        return len(self.train) * self.train.seq_len * width > parse_bytes(c.memory_limit)
+        from stride_jax.parallel.memory import cache_on_disk
+        return cache_on_disk(self.config.cache, rows=len(self.train), seq_len=self.train.seq_len,
+                             width=self.lm.d_reader + self.lm.d_final,
+                             has_workdir=self.workdir is not None)
 
     # -- stages --------------------------------------------------------------------------------
     @property

@@ -23,9 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from stride_jax.data import Document, write_jsonl
 from stride_jax.recipes import pretrain
-from _tiny import TINY
+from _tiny import TINY, write_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,15 +149,8 @@ def tiny_model(tmp_path_factory) -> Path:
     """A directory with ``model/`` (the tiny pretrained model), ``train.jsonl`` (120 rows) and
     ``queries.jsonl`` (3 prompt/completion queries); made once per session."""
     if "model" not in _SESSION:
-        from stride_jax.cli import row_texts
         root = _session_dir(tmp_path_factory, "cli_model")
-        res = pretrain(TINY, root / "model", progress=False)
-        texts = row_texts(res.corpus.train.subset(range(120)), res.tokenizer)
-        write_jsonl([Document(id=f"d{i}", text=t[:30]) for i, t in enumerate(texts)],
-                    root / "train.jsonl")
-        qs = row_texts(res.corpus.heldout.subset(range(3)), res.tokenizer)
-        write_jsonl([Document(id=f"q{i}", prompt=t[:10], text=t[10:30]) for i, t in enumerate(qs)],
-                    root / "queries.jsonl")
+        write_pairs(root, pretrain(TINY, root / "model", progress=False))
         _SESSION["model"] = root
     return _SESSION["model"]  # type: ignore[return-value]
 

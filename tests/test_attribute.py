@@ -15,7 +15,7 @@ from stride_jax.data import Document, write_jsonl
 from stride_jax.io.stamps import StaleArtifactError
 from stride_jax.recipes import pretrain
 from stride_jax.train import OperatorTrainConfig
-from _tiny import TINY
+from _tiny import TINY, write_pairs
 
 
 FAST = AttributeConfig(
@@ -86,19 +86,9 @@ def test_outputs_and_sign_convention(pretrained, tmp_path):
     assert np.corrcoef(fitted.ravel(), out.y_qk.ravel())[0, 1] > 0
 
 
-def _write_pairs(tmp_path, res):
-    from stride_jax.cli import row_texts
-    texts = row_texts(res.corpus.train.subset(range(120)), res.tokenizer)
-    write_jsonl([Document(id=f"d{i}", text=t[:30]) for i, t in enumerate(texts)],
-                tmp_path / "train.jsonl")
-    qs = row_texts(res.corpus.heldout.subset(range(3)), res.tokenizer)
-    write_jsonl([Document(id=f"q{i}", prompt=t[:10], text=t[10:30]) for i, t in enumerate(qs)],
-                tmp_path / "queries.jsonl")
-
-
 def test_attribute_command_end_to_end(pretrained, tmp_path, capsys):
     res, model_dir, _, _ = pretrained
-    _write_pairs(tmp_path, res)
+    write_pairs(tmp_path, res)
     rc = main(["-q", "attribute", "--model", str(model_dir), "--train", str(tmp_path / "train.jsonl"),
                "--queries", str(tmp_path / "queries.jsonl"), "--out", str(tmp_path / "run"),
                "design.num_subsets=30", "design.per_example=4", "train.epochs=2",
@@ -123,7 +113,7 @@ def test_attribute_command_end_to_end(pretrained, tmp_path, capsys):
                                   "memory_budget"])
 def test_attribute_command_bad_input(pretrained, tmp_path, capsys, case):
     res, model_dir, _, _ = pretrained
-    _write_pairs(tmp_path, res)
+    write_pairs(tmp_path, res)
     args = ["attribute", "--model", str(model_dir), "--train", str(tmp_path / "train.jsonl"),
             "--queries", str(tmp_path / "queries.jsonl"), "--out", str(tmp_path / "run")]
     expect = {"no_weights": "model.safetensors", "bad_train_format": "line 1",

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 import stride_jax.io.atomic as atomic
-from stride_jax.cli import main, row_texts
-from stride_jax.data import Document, write_jsonl
+from stride_jax.cli import main
 from stride_jax.eval.groundtruth import GroundTruthConfig, run_groundtruth
 from stride_jax.io.atomic import DiskFullError, load_npy, save_npy
 from stride_jax.io.safetensors import load_file, save_file
@@ -27,7 +26,7 @@ from stride_jax.model.hf import from_hf
 from stride_jax.recipes import pretrain
 from stride_jax.subsets import bernoulli_design, expander_design
 from stride_jax.tokenizer import load_tokenizer, save_tokenizer
-from _tiny import TINY
+from _tiny import TINY, write_pairs
 
 # The tiny model of tests/test_attribute.py: 2 blocks, a 300-token vocabulary, 32-token context.
 
@@ -39,13 +38,7 @@ FAST = ["design.num_subsets=30", "design.per_example=4", "train.epochs=1"]
 def tiny(tmp_path_factory):
     """(model directory, directory with a good train.jsonl and queries.jsonl)."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    res = pretrain(TINY, root / "model", progress=False)
-    texts = row_texts(res.corpus.train.subset(range(120)), res.tokenizer)
-    write_jsonl([Document(id=f"d{i}", text=t[:30]) for i, t in enumerate(texts)],
-                root / "train.jsonl")
-    qs = row_texts(res.corpus.heldout.subset(range(3)), res.tokenizer)
-    write_jsonl([Document(id=f"q{i}", prompt=t[:10], text=t[10:30]) for i, t in enumerate(qs)],
-                root / "queries.jsonl")
+    write_pairs(root, pretrain(TINY, root / "model", progress=False))
     return root / "model", root
 
 

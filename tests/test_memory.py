@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import pytest
 
-from stride_jax.attributor import AttributeConfig, DesignConfig
+from stride_jax.attributor import AttributeConfig, CacheConfig, DesignConfig
 from stride_jax.measure import MeasureConfig, measure_responses
 from stride_jax.model.config import tiny_llama
 from stride_jax.model.transformer import init_model
@@ -76,8 +76,27 @@ def test_impossible_budget_is_refused_naming_the_stage_and_the_fix():
                                                 r"subsets_per_step"):
         plan_memory(AttributeConfig(), SHAPES, budget="600MiB")
     million = dataclasses.replace(SHAPES, n=1_000_000)
+    in_memory = AttributeConfig(cache=CacheConfig(location="memory"))
     with pytest.raises(MemoryBudgetError, match=r"the cache stage needs about 6[0-9.]+ GiB"):
-        plan_memory(AttributeConfig(), million, budget="24GiB")
+        plan_memory(in_memory, million, budget="24GiB")
+
+
+def test_disk_cache_keeps_the_plan_flat_in_n():
+    """With the cache on disk (cache.location auto picks it above memory_limit) neither the host
+    nor the device holds it: n = 1M fits 24 GiB, and bfloat16 halves what is on disk."""
+    million = dataclasses.replace(SHAPES, n=1_000_000)
+    plan = plan_memory(AttributeConfig(cache=CacheConfig(dtype="bfloat16")), million,
+                       budget="24GiB")
+    st = {s.stage: s for s in plan.stages}
+    assert "bfloat16 on disk" in st["cache"].detail
+    small = {s.stage: s for s in plan_memory(AttributeConfig(cache=CacheConfig(
+        location="disk")), SHAPES).stages}
+    # Only the O(n) token arrays and design grow with n, not the n x T x (D + d) activations.
+    grow = st["train"].device - small["train"].device
+    assert grow < 20 * (million.n - SHAPES.n) * million.seq_len
+    with pytest.raises(ValueError, match="cache.location=disk needs a run directory"):
+        plan_memory(AttributeConfig(cache=CacheConfig(location="disk")), SHAPES,
+                    has_workdir=False)
 
 
 def test_parse_bytes():

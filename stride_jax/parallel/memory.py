@@ -11,8 +11,10 @@ positions per row, ``S`` subsets per device per step, ``C`` the operator output 
 vocabulary, ``D`` devices):
 
 * design: ``12 n d`` (sorted pairs, CSR, per-example slots) plus padded members ``4 K max|S_k|``;
-* activation cache: ``4 n T (D_reader + d_final)`` on the host, the same again on each device
-  during training (the cache is replicated), plus the token arrays ``12 n T``;
+* activation cache: ``w n T (D_reader + d_final)`` (``w`` = 4 for float32, 2 for bfloat16) on
+  the host, the same again on each device during training (the cache is replicated), plus the
+  token arrays ``12 n T``; with ``cache`` on disk (:func:`cache_on_disk`) the host holds none of
+  it resident and each device only the step's ``S b + bs`` rows;
 * operator state: coefficients and two Adam moments, ``12 K r C / D``;
 * training step (XLA temporaries): the steered log-softmax over the vocabulary for every
   (subset, row, position), ``c_train * S (b + bs) T' V`` floats, plus the chunk's gathered
@@ -34,7 +36,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["MemoryBudgetError", "MemoryPlan", "Shapes", "StageMemory", "format_bytes",
+__all__ = ["MemoryBudgetError", "MemoryPlan", "Shapes", "StageMemory", "cache_on_disk", "format_bytes",
            "parse_bytes", "plan_memory"]
 
 # Calibrated against XLA's memory_analysis() (see the module docstring).
@@ -120,7 +122,22 @@ def format_bytes(b: float) -> str:
     return f"{int(b)} B"
 
 
-def _stages(cfg, s: Shapes, devices: int) -> list[StageMemory]:
+def cache_on_disk(cache_cfg, *, rows: int, seq_len: int, width: int, has_workdir: bool) -> bool:
+    """Whether the activation cache goes to disk (``cache.location``; ``auto``: when its
+    ``rows x seq_len x width`` values exceed ``memory_limit``, given a run directory)."""
+    if cache_cfg.location == "memory":
+        return False
+    if not has_workdir:
+        if cache_cfg.location == "disk":
+            raise ValueError("cache.location=disk needs a run directory (workdir / --out)")
+        return False
+    if cache_cfg.location == "disk":
+        return True
+    itemsize = 4 if cache_cfg.dtype == "float32" else 2
+    return rows * seq_len * width * itemsize > parse_bytes(cache_cfg.memory_limit)
+
+
+def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[StageMemory]:
     from stride_jax.subsets import default_num_subsets
     d = cfg.design.per_example
     K = cfg.design.num_subsets or default_num_subsets(s.n, d)
@@ -133,11 +150,18 @@ def _stages(cfg, s: Shapes, devices: int) -> list[StageMemory]:
     S = max(1, min(t_cfg.subsets_per_step, K) // devices)
     members = 4 * K * math.ceil(1.5 * s.n * d / K)        # padded to the largest subset
     design = 12 * s.n * d + members
-    cache = 4 * s.n * T * (s.d_reader + s.d_final)
+    itemsize = 4 if cfg.cache.dtype == "float32" else 2
+    width = s.d_reader + s.d_final
+    on_disk = cache_on_disk(cfg.cache, rows=s.n, seq_len=T, width=width, has_workdir=has_workdir)
+    cache = itemsize * s.n * T * width
     tokens = 12 * s.n * T
     state = 12 * K * r * C // devices + 3 * 4 * s.d_reader * r
     rows = t_cfg.rows_per_subset + t_cfg.stability_rows
     step = C_TRAIN * 4 * S * rows * Tp * V + 16 * S * r * C
+    # On disk the cache stays in (reclaimable) page cache; the device gets each step's rows only.
+    host_cache = 0 if on_disk else cache
+    device_cache = itemsize * (S * devices * t_cfg.rows_per_subset + t_cfg.stability_rows) * T * \
+        width if on_disk else cache
     if site == "residual":
         # the upper layers rerun on whole rows for every subset (activations kept for backward)
         step += 4 * S * rows * T * s.d_final * max(1, s.upper_layers) * 12
@@ -151,9 +175,11 @@ def _stages(cfg, s: Shapes, devices: int) -> list[StageMemory]:
     p = s.params_bytes
     return [
         StageMemory("design", design, 0, f"K={K}, d={d}"),
-        StageMemory("cache", cache + tokens, p + 4 * 64 * T * (s.d_reader + s.d_final),
-                    f"{s.n} rows x {T} tokens x {s.d_reader + s.d_final} floats"),
-        StageMemory("train", cache + tokens + design, int(p + cache + tokens + state + step),
+        StageMemory("cache", host_cache + tokens, p + 4 * 64 * T * width,
+                    f"{s.n} rows x {T} tokens x {width} {cfg.cache.dtype}"
+                    f"{' on disk' if on_disk else ''}"),
+        StageMemory("train", host_cache + tokens + design,
+                    int(p + device_cache + tokens + state + step),
                     f"state {format_bytes(state)}, step {format_bytes(step)} "
                     f"({S} subsets/device x {rows} rows x {Tp} positions x V={V})"),
         StageMemory("measure", 4 * s.num_queries * K + 12 * K * r * C,
@@ -165,7 +191,7 @@ def _stages(cfg, s: Shapes, devices: int) -> list[StageMemory]:
 
 
 def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices: int = 1,
-                device_budget: int | str | None = None) -> MemoryPlan:
+                device_budget: int | str | None = None, has_workdir: bool = True) -> MemoryPlan:
     """Estimate each stage's peak; with a budget, lower the result-neutral chunk sizes to fit.
 
     ``budget`` bounds the host, ``device_budget`` each device (default: the same as ``budget``;
@@ -176,7 +202,7 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
     dev_b = parse_bytes(device_budget) if device_budget is not None else host_b
     changes: list[str] = []
     original = cfg
-    stages = _stages(cfg, shapes, devices)
+    stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
     if host_b is None:
         return MemoryPlan(tuple(stages), cfg, None, ())
 
@@ -198,13 +224,13 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
         else:
             cfg = dataclasses.replace(cfg, measure=dataclasses.replace(
                 m, query_batch=max(1, m.query_batch // 2)))
-        stages = _stages(cfg, shapes, devices)
+        stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
     for _ in range(64):
         if by_name("solve").host <= host_b or cfg.solve.query_chunk <= 1:
             break
         cfg = dataclasses.replace(cfg, solve=dataclasses.replace(
             cfg.solve, query_chunk=max(1, cfg.solve.query_chunk // 2)))
-        stages = _stages(cfg, shapes, devices)
+        stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
     for section, key in (("measure", "query_batch"), ("measure", "subset_chunk"),
                          ("solve", "query_chunk")):
         was, now = getattr(getattr(original, section), key), getattr(getattr(cfg, section), key)
