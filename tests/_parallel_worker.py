@@ -68,6 +68,8 @@ def run(site: str) -> dict:
         report[f"{name}_max_abs_diff"] = float(np.max(np.abs(a - b)))
         report[f"{name}_max_abs"] = float(np.max(np.abs(a)))
     report["scores_nonzero"] = int((outs[1][2] != 0).sum())
+    if site == "logits":
+        report.update(solver_report(att.design(), outs[1][1]))
     # A chunk the devices cannot split evenly is refused with the fix named.
     try:
         bad = dataclasses.replace(cfg, parallel=ParallelConfig(devices=8),
@@ -82,6 +84,26 @@ def run(site: str) -> dict:
     except ValueError as e:
         report["too_many_error"] = str(e)
     return report
+
+
+def solver_report(design, y_qk) -> dict:
+    """The solver's query axis split over 8 devices == 1 device, cross-validation included."""
+    from stride_jax.parallel import make_query_mesh, place_queries, query_sharding
+    from stride_jax.solve import solve
+    key = jax.random.key(3)
+    y = np.concatenate([y_qk, y_qk[::-1] * 0.5])          # 10 queries: chunks of 4 -> 8
+    cfg = SolveConfig(query_chunk=4)
+    one = solve(design, y, cfg, key=key)
+    mesh = make_query_mesh(ParallelConfig(solver_devices=8))
+    with query_sharding(mesh):
+        placed = place_queries(np.zeros((3, 8), np.float32), 1)
+        eight = solve(design, y, cfg, key=key)
+    return {"query_spec": str(placed.sharding.spec),
+            "query_devices": len(placed.sharding.device_set),
+            "solver_estimators_equal": bool((one.info["estimator_q"]
+                                             == eight.info["estimator_q"]).all()),
+            "solver_max_abs_diff": float(np.max(np.abs(one.w_qn - eight.w_qn))),
+            "solver_max_abs": float(np.max(np.abs(one.w_qn)))}
 
 
 if __name__ == "__main__":

@@ -53,3 +53,12 @@ def test_device_count_must_divide_the_subset_axis(report):
     msg = report["logits"]["too_many_error"]
     assert msg is not None and "parallel.devices=16 but this process sees 8" in msg
     assert "xla_force_host_platform_device_count=16" in msg
+
+
+def test_solver_splits_queries_over_devices(report):
+    r = report["logits"]
+    # Each chunk of queries is split over the 8 devices along the query axis.
+    assert r["query_spec"] == "P(None, 'queries')" and r["query_devices"] == 8
+    # Same estimator per query and the same scores, lambda chosen by cross-validation included.
+    assert r["solver_estimators_equal"]
+    assert r["solver_max_abs_diff"] <= 1e-3 * r["solver_max_abs"]

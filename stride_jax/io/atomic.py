@@ -26,6 +26,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "is_writer",
     "load_npy",
     "save_npy",
 ]
@@ -70,6 +71,19 @@ def _fsync_file(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def is_writer() -> bool:
+    """True in the process that writes files: the only one, or process 0 of a multi-process run
+    (every process computes the same artifacts; one copy is written)."""
+    import jax
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def _discarded(target: Path) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="stride-jax-not-written-") as d:
+        yield Path(d) / target.name
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -78,9 +92,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     only accepts file names). When the ``with`` block exits normally, the temporary file is
     fsync'ed and ``os.replace``d onto ``path``. If the block raises, the temporary file is
     removed and ``path`` is left untouched. Parent directories are created as needed. A full disk
-    (``ENOSPC``/``EDQUOT``, at any point) raises :class:`DiskFullError`.
+    (``ENOSPC``/``EDQUOT``, at any point) raises :class:`DiskFullError`. In a multi-process run
+    only process 0 writes (:func:`is_writer`); elsewhere the yielded path is a scratch file that
+    is discarded.
     """
     target = Path(path)
+    if not is_writer():   # another process writes this file
+        with _discarded(target) as tmp:
+            yield tmp
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",

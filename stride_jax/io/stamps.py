@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from stride_jax.io.atomic import atomic_write_text
+from stride_jax.io.atomic import atomic_write_text, is_writer
 
 STAMP = "stamp.json"
 
@@ -56,7 +56,8 @@ def open_stage(directory: str | Path, stage: str, payload: Mapping[str, Any], *,
             raise StaleArtifactError(
                 f"{directory} holds the '{old.get('stage')}' stage made with other arguments or "
                 f"inputs ({shown}{more}); use another output directory, or --overwrite to replace it")
-        shutil.rmtree(directory)
+        if is_writer():
+            shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"stage": stage, "payload": payload, "complete": False},
                                        indent=1))

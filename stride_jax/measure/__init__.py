@@ -24,6 +24,7 @@ from stride_jax.config import option
 from stride_jax.data import TokenizedSet
 from stride_jax.steering import LMFunctions, basis_features, delta_logprob, logit_shift, shift
 from stride_jax.train import Rows, check_rows_fit, responses
+from stride_jax.parallel import to_host
 
 if TYPE_CHECKING:
     from stride_jax.parallel import SubsetMesh
@@ -119,9 +120,9 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
                               jnp.asarray(queries.attention_mask[idx]),
                               jnp.asarray(targets[idx]),
                               jnp.asarray(queries.loss_mask[idx], jnp.float32))
-        base_loss[start:stop] = np.asarray(bl)[: stop - start]
+        base_loss[start:stop] = to_host(bl)[: stop - start]
         if per_token:
-            base_lp[start:stop] = np.asarray(blp)[: stop - start]
+            base_lp[start:stop] = to_host(blp)[: stop - start]
         for c in range(n_chunks):
             coef_c = coef_pad[c * S:(c + 1) * S]
             if mesh is not None:
@@ -131,9 +132,9 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
                 compiled_memory.update(_memory_analysis(chunk_response, rows, logp, coef_c))
             out, out_tok = chunk_response(rows, logp, coef_c)
             lo, hi = c * S, min((c + 1) * S, K)
-            y[start:stop, lo:hi] = np.asarray(out)[: stop - start, : hi - lo]
+            y[start:stop, lo:hi] = to_host(out)[: stop - start, : hi - lo]
             if per_token:
-                y_tok[start:stop, :, lo:hi] = np.asarray(out_tok)[: stop - start, :, : hi - lo]
+                y_tok[start:stop, :, lo:hi] = to_host(out_tok)[: stop - start, :, : hi - lo]
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stride_jax.parallel import place_queries, query_devices
 from stride_jax.solve._ops import (
     SparseOps,
     broadcast_lam,
@@ -459,7 +460,9 @@ def run_chunked(design: Design, y_qk: Any, lam: Any, *, fit_intercept: bool, tol
                            np.zeros(0), np.zeros(0, bool))
     dtype = compute_dtype()
     ops = sparse_ops(design, dtype)
-    chunk = min(query_chunk, Q)
+    # Inside parallel.query_sharding each chunk is split over the devices (a multiple of them).
+    D = query_devices()
+    chunk = -(-min(query_chunk, Q) // D) * D
     w_out = np.empty((Q, n), np.float32)
     iters = np.empty(Q, np.int64)
     objective = np.empty(Q, np.float64)
@@ -471,11 +474,12 @@ def run_chunked(design: Design, y_qk: Any, lam: Any, *, fit_intercept: bool, tol
         lam_blk = np.pad(lam_all[start:stop], (0, pad), constant_values=1.0)
         yy = np.sum(y_blk * y_blk, axis=1)
         if w0 is None:
-            w_blk = jnp.zeros((n, chunk), dtype)
+            w_blk = (jnp.zeros((n, chunk), dtype) if D == 1
+                     else place_queries(np.zeros((n, chunk), dtype), 1))
         else:
-            w_blk = jnp.asarray(np.pad(w0[start:stop], ((0, pad), (0, 0))).T, dtype)
-        out = chunk_fn(ops, jnp.asarray(y_blk.T, dtype), jnp.asarray(lam_blk, dtype), w_blk,
-                       jnp.asarray(tol * yy, dtype))
+            w_blk = place_queries(np.pad(w0[start:stop], ((0, pad), (0, 0))).T, 1, dtype)
+        out = chunk_fn(ops, place_queries(y_blk.T, 1, dtype), place_queries(lam_blk, 0, dtype),
+                       w_blk, place_queries(tol * yy, 0, dtype))
         k = stop - start
         w_out[start:stop] = np.asarray(out.w_nq, np.float32).T[:k]
         iters[start:stop] = out.iters_q[:k]

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stride_jax.parallel import place_queries, query_devices
 from stride_jax.solve._fista import TRACE_COUNTS, LassoResult, compute_dtype, fista
 from stride_jax.solve._jaxopt import jaxopt_lasso
 from stride_jax.solve._ops import SparseOps, prepare_targets, sparse_ops
@@ -78,11 +79,12 @@ def lambda_max(design: Design, y_qk: Any, fit_intercept: bool = True, *,
     ops = sparse_ops(design, dtype)
     Q = y_c.shape[0]
     out = np.empty(Q)
-    chunk = max(1, min(int(query_chunk), Q))
+    D = query_devices()
+    chunk = -(-max(1, min(int(query_chunk), Q)) // D) * D
     for start in range(0, Q, chunk):
         blk = y_c[start:start + chunk]
         pad = chunk - blk.shape[0]
-        y_kq = jnp.asarray(np.pad(blk, ((0, pad), (0, 0))).T, dtype)
+        y_kq = place_queries(np.pad(blk, ((0, pad), (0, 0))).T, 1, dtype)
         out[start:start + blk.shape[0]] = np.asarray(_abs_max_corr(ops, y_kq))[: blk.shape[0]]
     return out
 
@@ -219,22 +221,29 @@ def cross_validate_lambda(
     warm: list[np.ndarray | None] = [None] * len(splits)
     best = np.full(Q, np.inf)
     worse_for = np.zeros(Q, np.int64)
+    stopped = np.zeros(Q, bool)
     for l in range(L):
         sq_err = np.zeros(Q)
         for f, (d_train, y_train, held_ops, y_held, scale) in enumerate(splits):
             res = solve(d_train, y_train, lams_lq[l] * scale, fit_intercept=fit_intercept,
                         w0=warm[f], **solver_kw)
             warm[f] = res.w_qn
-            pred = np.asarray(_predict(held_ops, jnp.asarray(res.w_qn.T, dtype)), np.float64).T
+            w_nq = np.pad(res.w_qn.T, ((0, 0), (0, -Q % query_devices())))
+            pred = np.asarray(_predict(held_ops, place_queries(w_nq, 1, dtype)),
+                              np.float64).T[:Q]
             pred += res.intercept_q[:, None]
             sq_err += np.sum((y_held - pred) ** 2, axis=1)
-        err_lq[l] = sq_err / K
+        # A query whose patience has run out ignores later grid points, so its choice does not
+        # depend on which queries share its batch (query chunks, processes).
+        err_lq[l] = np.where(stopped, np.inf, sq_err / K)
         improved = err_lq[l] < best
         best = np.where(improved, err_lq[l], best)
         worse_for = np.where(improved, 0, worse_for + 1)
-        if patience is not None and np.all(worse_for >= patience):
-            log.debug("CV path stopped at grid point %d of %d", l + 1, L)
-            break
+        if patience is not None:
+            stopped |= worse_for >= patience
+            if stopped.all():
+                log.debug("CV path stopped at grid point %d of %d", l + 1, L)
+                break
     idx = np.argmin(err_lq, axis=0)
     return CVResult(lams_lq, err_lq, lams_lq[idx, np.arange(Q)], idx)
 
