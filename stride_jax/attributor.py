@@ -30,6 +30,7 @@ Keys: one seed, ``root = key(seed)``; the design uses ``fold_in(root, 0)``, trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -47,7 +48,8 @@ from stride_jax.io.atomic import atomic_write_text, save_npy
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
 from stride_jax.measure import MeasureConfig, Responses, measure_responses
 from stride_jax.model.transformer import CausalLM
-from stride_jax.parallel import ParallelConfig, make_mesh
+from stride_jax.parallel import (ParallelConfig, initialize, is_writer, make_mesh,
+                                 make_query_mesh, process_slice, query_sharding, to_host)
 from stride_jax.solve import SolveConfig, solve
 from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
@@ -78,6 +80,12 @@ class DataConfig:
     train_mode: Literal["auto", "chunk", "document"] = option(
         "auto", "chunk: cut documents into seq_len pieces; document: one row per document "
                 "(error if longer); auto: document for .jsonl, chunk otherwise")
+    stream: Literal["auto", "on", "off"] = option(
+        "auto", "on: read and tokenize the training data in chunks of documents into "
+                "memory-mapped files under <out>/tokens/train (reused while the data, tokenizer, "
+                "seq_len and mode are unchanged), for training sets larger than memory; off: in "
+                "memory; auto: on when the training file or directory exceeds stream_threshold")
+    stream_threshold: str = option("1GiB", "training data size above which stream=auto streams")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +116,12 @@ class AttributeConfig:
     cache: CacheConfig = option(CacheConfig(), "the activation cache of operator training")
     seed: int = option(0, "the one seed of the run")
     topk: int = option(10, "proponents and opponents listed per query in topk.jsonl")
+    scores: Literal["auto", "dense", "topk"] = option(
+        "auto", "dense: keep the whole [Q, n] score matrix (scores.npy); topk: keep only each "
+                "query's `topk` largest and most negative scores (scores_topk.npz), solving the "
+                "queries in blocks of solve.query_chunk, for when Q x n does not fit in memory; "
+                "auto: topk when Q x n float32 exceeds scores_memory_limit")
+    scores_memory_limit: str = option("2GiB", "largest dense score matrix kept with scores=auto")
     token_queries: int = option(16, "queries (the first ones) whose per-token attribution of "
                                     "their listed examples is written to tokens.json (CLI; 0: "
                                     "none)")
@@ -141,19 +155,78 @@ class Operators(NamedTuple):
             return cls(basis, jnp.asarray(z["coef"]))
 
 
-class Attribution(NamedTuple):
-    """Scores and what produced them."""
+class TopScores(NamedTuple):
+    """Sparse scores: per query, the ``k`` largest positive scores (proponents) and the ``k``
+    most negative (opponents), best first; index -1 (score 0) pads a query with fewer."""
 
-    scores_qn: np.ndarray        # [Q, n] float32; positive = the example lowers the query's loss
+    pro_index: np.ndarray        # [Q, k] int64
+    pro_score: np.ndarray        # [Q, k] float32
+    opp_index: np.ndarray        # [Q, k] int64
+    opp_score: np.ndarray        # [Q, k] float32
+
+    @classmethod
+    def from_dense(cls, w_qn: np.ndarray, k: int) -> "TopScores":
+        """Keep the top ``k`` of each row of ``w_qn`` (order: score, then index, as
+        :meth:`Attribution.top` on the dense matrix)."""
+        w = np.asarray(w_qn, np.float32)
+        Q, n = w.shape
+        k_eff = min(k, n)
+        out = []
+        for sign in (1.0, -1.0):
+            v = sign * w
+            cand = (np.argpartition(-v, k_eff - 1, axis=1)[:, :k_eff] if k_eff < n
+                    else np.broadcast_to(np.arange(n), (Q, n)))
+            idx = np.full((Q, k), -1, np.int64)
+            val = np.zeros((Q, k), np.float32)
+            for q in range(Q):
+                c = cand[q]
+                c = c[np.lexsort((c, -v[q, c]))]
+                c = c[v[q, c] > 0]
+                idx[q, :c.size], val[q, :c.size] = c, w[q, c]
+            out += [idx, val]
+        return cls(*out)
+
+    @classmethod
+    def concat(cls, parts: Sequence["TopScores"]) -> "TopScores":
+        return cls(*(np.concatenate(a) for a in zip(*parts)))
+
+    def save(self, path: str | Path) -> None:
+        from stride_jax.io.atomic import atomic_path
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **self._asdict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TopScores":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(**{f: z[f] for f in cls._fields})
+
+
+class Attribution(NamedTuple):
+    """Scores and what produced them: the dense matrix ``scores_qn``, or with
+    ``scores=topk`` only each query's top scores (``top_scores``; ``scores_qn`` is None)."""
+
+    scores_qn: np.ndarray | None  # [Q, n] float32; positive = the example lowers the query's loss
     query_ids: list[str]
     train_ids: list[str]
     y_qk: np.ndarray             # [Q, K] responses
     base_loss_q: np.ndarray      # [Q]
     lam_q: np.ndarray            # [Q] Lasso penalty used per query
     intercept_q: np.ndarray      # [Q]
+    top_scores: TopScores | None = None
 
     def top(self, q: int, k: int = 10) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         """Top ``k`` proponents (largest positive scores) and opponents (most negative) of query q."""
+        if self.scores_qn is None:
+            t = self.top_scores
+            if k > t.pro_index.shape[1]:
+                raise ValueError(f"only the top {t.pro_index.shape[1]} scores per query were kept "
+                                 f"(scores=topk); ask for at most that many, or rerun with a "
+                                 f"larger topk or scores=dense")
+            return ([(int(i), float(s)) for i, s in zip(t.pro_index[q, :k], t.pro_score[q, :k])
+                     if i >= 0],
+                    [(int(i), float(s)) for i, s in zip(t.opp_index[q, :k], t.opp_score[q, :k])
+                     if i >= 0])
         s = self.scores_qn[q]
         order = np.argsort(-s, kind="stable")
         pro = [(int(i), float(s[i])) for i in order[:k] if s[i] > 0]
@@ -162,10 +235,14 @@ class Attribution(NamedTuple):
 
     def write(self, out_dir: str | Path, *, train_texts: Sequence[str] | None = None,
               query_texts: Sequence[str] | None = None, k: int = 10) -> Path:
-        """``scores.npy``, ``topk.jsonl`` (ids, scores, texts) and ``ids.json`` in ``out_dir``."""
+        """``scores.npy`` (or ``scores_topk.npz`` when only the top scores were kept),
+        ``topk.jsonl`` (ids, scores, texts) and ``ids.json`` in ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_npy(out / "scores.npy", self.scores_qn.astype(np.float32))
+        if self.scores_qn is not None:
+            save_npy(out / "scores.npy", self.scores_qn.astype(np.float32))
+        else:
+            self.top_scores.save(out / "scores_topk.npz")
         atomic_write_text(out / "ids.json", json.dumps({"queries": self.query_ids,
                                                         "train": self.train_ids}) + "\n")
         lines = []
@@ -224,13 +301,22 @@ class Attributor:
         self.config = config
         self.workdir = Path(workdir) if workdir is not None else None
         self.overwrite = overwrite
-        self.progress = progress
+        # Joins the multi-host runtime if asked (it must come before JAX does any work; the CLI
+        # calls it first thing, library users call stride_jax.parallel.initialize themselves).
+        initialize(config.parallel)
+        self.progress = progress and is_writer()
         self.root = jax.random.key(config.seed)
         # Not part of any stamp: the device count changes float rounding only, so a run may be
         # resumed or reused on another number of devices.
         self.mesh = make_mesh(config.parallel)
+        self.query_mesh = make_query_mesh(config.parallel)
+        if config.scores not in ("auto", "dense", "topk"):
+            raise ValueError(f"scores must be 'auto', 'dense' or 'topk', got {config.scores!r}")
+        if config.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {config.topk}")
         from stride_jax.parallel.memory import parse_bytes
         parse_bytes(config.cache.memory_limit)
+        parse_bytes(config.scores_memory_limit)
         self._design: Design | None = None
         self._ops: Operators | None = None
         self.history: list[dict] = []
@@ -308,8 +394,12 @@ class Attributor:
             self._ops = Operators.load(directory / "operators.npz")
             return self._ops
         on_disk = self._cache_on_disk()
+        # Every process caches the rows itself (per-host data loading), in its own directory.
+        cache_dir = None if not on_disk else (
+            directory / "cache" if jax.process_count() == 1
+            else directory / "cache" / f"process{jax.process_index()}")
         cache = build_cache(self.lm, self.train, progress=self.progress, dtype=self.config.cache.dtype,
-                            directory=directory / "cache" if on_disk else None)
+                            directory=cache_dir)
         out = train_operators(
             self.lm, cache, self.train, design, self.config.steering, self.config.train,
             key=jax.random.fold_in(self.root, 1),
@@ -317,13 +407,21 @@ class Attributor:
             fingerprint=array_fingerprint(extra=payload), progress=self.progress, mesh=self.mesh,
             stream=on_disk)
         self._ops, self.history = Operators(out.state.basis, out.state.coef), out.history
+        if jax.process_count() > 1:
+            # Operators sharded over other hosts' devices come home once: measurement slices
+            # them by subset chunk and places each chunk on the mesh again.
+            self._ops = Operators({k: to_host(v) for k, v in self._ops.basis.items()},
+                                  to_host(self._ops.coef))
         if directory is not None:
             self._ops.save(directory / "operators.npz")
             atomic_write_text(directory / "history.json", json.dumps(out.history, indent=1))
             complete_stage(directory, "operators", payload)
             if on_disk:   # only training reads the cache; it can be as large as the data
                 import shutil
-                shutil.rmtree(directory / "cache", ignore_errors=True)
+                shutil.rmtree(cache_dir, ignore_errors=True)
+                if cache_dir != directory / "cache":   # the last process out removes the parent
+                    with contextlib.suppress(OSError):
+                        (directory / "cache").rmdir()
         return self._ops
 
     def measure(self, queries: TokenizedSet) -> Responses:
@@ -355,34 +453,89 @@ class Attributor:
             complete_stage(directory, "responses", payload)
         return res
 
+    def dense_scores(self, num_queries: int) -> bool:
+        """Whether the solve stage keeps the dense ``[Q, n]`` matrix (``scores``)."""
+        mode = self.config.scores
+        if mode != "auto":
+            return mode == "dense"
+        from stride_jax.parallel.memory import parse_bytes
+        return num_queries * len(self.train) * 4 <= parse_bytes(self.config.scores_memory_limit)
+
     def solve(self, responses: Responses, query_ids: Sequence[str] | None = None) -> Attribution:
-        """Per-query Lasso over the design (stage ``solve``)."""
+        """Per-query recovery over the design (stage ``solve``): dense scores, or each query's
+        top ``topk`` when the dense matrix would not fit (``scores``).
+
+        Queries are split evenly over processes, then each process's chunks of queries over its
+        ``parallel.solver_devices`` devices; a query's answer does not depend on the split.
+        """
         design = self.design()
         y = np.asarray(responses.y_qk, np.float64)
         if y.ndim != 2 or y.shape[1] != design.num_subsets:
             raise ValueError(f"responses have shape {y.shape}; expected [queries, "
                              f"{design.num_subsets}] for this design")
+        Q = y.shape[0]
+        dense = self.dense_scores(Q)
         rfp = array_fingerprint(np.asarray(responses.y_qk, np.float32))
         directory = None if self.workdir is None else self.workdir / "solve" / rfp
-        payload = {"responses": rfp,
-                   "design": self._stamp("design"), "solve": to_dict(self.config.solve)}
+        payload = {"responses": rfp, "design": self._stamp("design"),
+                   "solve": to_dict(self.config.solve),
+                   "scores": "dense" if dense else f"top{self.config.topk}"}
+        top = None
         if directory is not None and open_stage(directory, "solve", payload,
                                                 overwrite=self.overwrite):
-            w = np.load(directory / "scores.npy", allow_pickle=False)
+            w = np.load(directory / "scores.npy", allow_pickle=False) if dense else None
+            top = None if dense else TopScores.load(directory / "scores_topk.npz")
             lam = np.load(directory / "lambda.npy", allow_pickle=False)
             b = np.load(directory / "intercept.npy", allow_pickle=False)
         else:
-            out = solve(design, y, self.config.solve, key=jax.random.fold_in(self.root, 2))
-            w, lam, b = (np.asarray(out.w_qn, np.float32), np.asarray(out.lam_q),
-                         np.asarray(out.intercept_q))
+            w, top, lam, b = self._solve_queries(design, y, dense)
             if directory is not None:
-                save_npy(directory / "scores.npy", w)
+                if dense:
+                    save_npy(directory / "scores.npy", w)
+                else:
+                    top.save(directory / "scores_topk.npz")
                 save_npy(directory / "lambda.npy", lam)
                 save_npy(directory / "intercept.npy", b)
                 complete_stage(directory, "solve", payload)
-        qids = list(query_ids) if query_ids is not None else [str(i) for i in range(y.shape[0])]
+        qids = list(query_ids) if query_ids is not None else [str(i) for i in range(Q)]
         return Attribution(w, qids, list(self.train.ids), np.asarray(responses.y_qk),
-                           np.asarray(responses.base_loss_q), lam, b)
+                           np.asarray(responses.base_loss_q), lam, b, top)
+
+    def _solve_queries(self, design: Design, y: np.ndarray, dense: bool):
+        """This process's share of the queries, solved in blocks, gathered from all processes."""
+        cfg = self.config.solve
+        key = jax.random.fold_in(self.root, 2)
+        Q = y.shape[0]
+        start, stop, per = process_slice(Q)
+        # Dense scores are solved in one call; top-k scores block by block, so only one block's
+        # [query_chunk, n] matrix exists at a time.
+        block = max(stop - start, 1) if dense else cfg.query_chunk
+        ws, tops, lams, bs = [], [], [], []
+        with query_sharding(self.query_mesh):
+            for lo in range(start, stop, block):
+                hi = min(lo + block, stop)
+                out = solve(design, y[lo:hi], cfg, key=key)
+                w = np.asarray(out.w_qn, np.float32)
+                if dense:
+                    ws.append(w)
+                else:
+                    tops.append(TopScores.from_dense(w, self.config.topk))
+                lams.append(np.asarray(out.lam_q, np.float64))
+                bs.append(np.asarray(out.intercept_q, np.float64))
+        n, k = design.num_examples, self.config.topk
+        # The process with fewer queries pads its share, so every gather has one shape.
+        lam = _pad_rows(np.concatenate(lams or [np.zeros(0)]), per)
+        b = _pad_rows(np.concatenate(bs or [np.zeros(0)]), per)
+        if dense:
+            w = _pad_rows(np.concatenate(ws) if ws else np.zeros((0, n), np.float32), per)
+            w, lam, b = _gather_queries((w, lam, b), Q)
+            return w, None, lam, b
+        empty = TopScores(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
+                          np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+        top = TopScores.concat(tops) if tops else empty
+        top = TopScores(*(_pad_rows(a, per, -1 if a.dtype == np.int64 else 0) for a in top))
+        *parts, lam, b = _gather_queries((*top, lam, b), Q)
+        return None, TopScores(*parts), lam, b
 
     def self_influence(self, num_outside: int | None = None) -> np.ndarray:
         """Memorisation score of every training example, ``[n]`` (stage ``selfinf``; see
@@ -430,3 +583,18 @@ class Attributor:
     def attribute(self, queries: TokenizedSet) -> Attribution:
         """All stages: operators, measurement, recovery."""
         return self.solve(self.measure(queries), queries.ids)
+
+
+def _pad_rows(a: np.ndarray, rows: int, value: float = 0) -> np.ndarray:
+    pad = rows - a.shape[0]
+    return a if pad == 0 else np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1),
+                                      constant_values=value)
+
+
+def _gather_queries(arrays: tuple, num: int) -> list[np.ndarray]:
+    """Concatenate every process's padded share (process order) and drop the padding."""
+    if jax.process_count() == 1:
+        return [a[:num] for a in arrays]
+    from jax.experimental import multihost_utils
+    gathered = multihost_utils.process_allgather(arrays, tiled=True)
+    return [np.asarray(a)[:num] for a in gathered]

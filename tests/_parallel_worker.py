@@ -34,7 +34,8 @@ def rows(n: int, seq: int, vocab: int, seed: int, prefix: str) -> TokenizedSet:
     return TokenizedSet(names, ids, mask, loss, names)
 
 
-def run(site: str) -> dict:
+def setup(site: str):
+    """The tiny model, rows and config every device/process-count comparison runs."""
     vocab = 96
     model = init_model(tiny_llama(vocab_size=vocab, hidden_size=32, num_heads=2, num_kv_heads=1,
                                   head_dim=16, intermediate_size=64, num_layers=2), seed=0)
@@ -48,6 +49,11 @@ def run(site: str) -> dict:
         # A fixed penalty keeps the recovery a continuous function of the responses, so float
         # rounding cannot flip a cross-validated choice between the two runs.
         solve=SolveConfig(estimator="lasso", lam=1e-4))
+    return model, train, queries, cfg
+
+
+def run(site: str) -> dict:
+    model, train, queries, cfg = setup(site)
     report: dict = {"devices": jax.device_count()}
     outs = {}
     for devices in (1, 8):

@@ -85,7 +85,7 @@ def _discarded(target: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, every_process: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
 
     The caller writes the complete file to the yielded path (by any means, e.g. a library that
@@ -94,10 +94,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     removed and ``path`` is left untouched. Parent directories are created as needed. A full disk
     (``ENOSPC``/``EDQUOT``, at any point) raises :class:`DiskFullError`. In a multi-process run
     only process 0 writes (:func:`is_writer`); elsewhere the yielded path is a scratch file that
-    is discarded.
+    is discarded, unless ``every_process`` (a file of this process's own, e.g. in a per-process
+    directory).
     """
     target = Path(path)
-    if not is_writer():   # another process writes this file
+    if not (every_process or is_writer()):   # another process writes this file
         with _discarded(target) as tmp:
             yield tmp
         return
