@@ -100,12 +100,39 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def row_texts(rows, tokenizer) -> list[str]:
-    """Decoded text of each row's real tokens."""
-    from stride_jax.tokenizer import as_backend
-    backend = as_backend(tokenizer)
-    return [backend.decode([int(t) for t, m in zip(ids, mask) if m])
-            for ids, mask in zip(rows.input_ids, rows.attention_mask)]
+class RowTexts:
+    """The decoded text of each row's real tokens, a read-only sequence decoded on access.
+
+    Outputs name a few rows per query (topk.jsonl, the printout), so a training set of ``n``
+    rows, possibly memory-mapped and larger than memory, is never decoded whole. Supports
+    ``len``, indexing (negative too), slicing (a list) and iteration.
+    """
+
+    def __init__(self, rows, tokenizer) -> None:
+        from stride_jax.tokenizer import as_backend
+        self._rows = rows
+        self._backend = as_backend(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self._rows.input_ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        ids, mask = self._rows.input_ids[j], self._rows.attention_mask[j]
+        return self._backend.decode([int(t) for t, m in zip(ids, mask) if m])
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
+def row_texts(rows, tokenizer) -> RowTexts:
+    """Decoded text of each row's real tokens (decoded lazily, see :class:`RowTexts`)."""
+    return RowTexts(rows, tokenizer)
 
 
 def _snippet(text: str, width: int = 110) -> str:
@@ -179,13 +206,39 @@ def _plan_memory(cfg, model, train_rows, query_rows, budget):
     return plan.config
 
 
+def _join_processes(parallel, args) -> None:
+    """Multi-host (parallel.distributed): join the runtime before JAX does any work; the other
+    processes stay quiet (no progress bars, warnings only) while process 0 reports and writes."""
+    from stride_jax.parallel import initialize, is_writer
+    if initialize(parallel) and not is_writer():
+        import os
+        import sys
+        logging.getLogger().setLevel(logging.WARNING)
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")   # the summary is printed once, by process 0
+
+
 def cmd_attribute(args) -> int:
+    import hashlib
+
+    import jax
+
     from stride_jax.attributor import AttributeConfig
-    from stride_jax.data import read_documents, tokenize_documents
+    from stride_jax.data import (
+        DataError,
+        iter_documents,
+        load_tokenized,
+        read_documents,
+        source_stamp,
+        tokenize_documents,
+        tokenize_to_disk,
+    )
     from stride_jax.model.hf import from_hf
-    from stride_jax.tokenizer import check_vocab_matches, load_tokenizer
+    from stride_jax.parallel.memory import parse_bytes
+    from stride_jax.tokenizer import as_backend, check_vocab_matches, load_tokenizer, vocab_size_of
 
     cfg = _load(AttributeConfig, args)
+    _join_processes(cfg.parallel, args)
     model = from_hf(args.model, strict=not args.no_strict_config)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     check_vocab_matches(tokenizer, model.config.vocab_size)
@@ -201,9 +254,33 @@ def cmd_attribute(args) -> int:
     # Python arguments): queries are always whole documents.
     longer = (f", or raise data.seq_len up to the model's context ({context} tokens)"
               if seq_len < context else "")
-    train_rows = tokenize_documents(
-        read_documents(args.train), tokenizer, seq_len, mode=mode,
-        too_long_fix=f"set data.train_mode=chunk to cut the documents of {args.train}{longer}")
+    too_long_fix = f"set data.train_mode=chunk to cut the documents of {args.train}{longer}"
+    threshold = parse_bytes(cfg.data.stream_threshold)
+    source = source_stamp(args.train)
+    stream = cfg.data.stream
+    if stream == "auto":
+        stream = "on" if source["size"] > threshold else "off"
+    if stream == "on":
+        # Rows larger than memory live memory-mapped in the run directory; a rerun reuses them
+        # while everything that shapes them is unchanged (the source by size and mtime, the
+        # tokenizer by the hash of its serialisation).
+        tokens_dir = args.out / "tokens" / "train"
+        if jax.process_count() > 1:   # every host tokenizes its own copy (per-host loading)
+            tokens_dir = tokens_dir / f"process{jax.process_index()}"
+        meta = {**source, "vocab_size": vocab_size_of(tokenizer), "seq_len": seq_len,
+                "mode": mode, "tokenizer": hashlib.sha256(
+                    as_backend(tokenizer).to_str().encode()).hexdigest()[:16]}
+        try:
+            train_rows = load_tokenized(tokens_dir, meta=meta)
+            print(f"reusing the tokenized training rows in {tokens_dir}")
+        except DataError:   # missing, interrupted, or made from other inputs: rebuild
+            print(f"tokenizing {args.train} in chunks into {tokens_dir}")
+            train_rows = tokenize_to_disk(iter_documents(args.train), tokenizer, seq_len,
+                                          tokens_dir, mode=mode, too_long_fix=too_long_fix,
+                                          meta=meta)
+    else:
+        train_rows = tokenize_documents(read_documents(args.train), tokenizer, seq_len, mode=mode,
+                                        too_long_fix=too_long_fix)
     query_rows = tokenize_documents(
         read_documents(args.queries), tokenizer, seq_len, mode="document",
         too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")

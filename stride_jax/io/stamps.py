@@ -75,7 +75,9 @@ def array_fingerprint(*arrays: np.ndarray, extra: Any = None) -> str:
     for a in arrays:
         a = np.ascontiguousarray(a)
         h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
+        # The buffer itself, not a.tobytes(): a memory-mapped array is hashed through the page
+        # cache without a copy of the whole array in memory.
+        h.update(a.data if a.size else b"")
     if extra is not None:
         h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
