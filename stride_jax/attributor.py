@@ -310,6 +310,12 @@ class Attributor:
         # resumed or reused on another number of devices.
         self.mesh = make_mesh(config.parallel)
         self.query_mesh = make_query_mesh(config.parallel)
+        if config.parallel.model not in ("replicate", "fsdp"):
+            raise ValueError(f"parallel.model must be 'replicate' or 'fsdp', got "
+                             f"{config.parallel.model!r}")
+        if config.parallel.model == "fsdp" and self.mesh is not None:
+            self.lm = dataclasses.replace(self.lm, params=self.mesh.shard_weights(
+                self.lm.params, config.parallel.fsdp_min_size))
         if config.scores not in ("auto", "dense", "topk"):
             raise ValueError(f"scores must be 'auto', 'dense' or 'topk', got {config.scores!r}")
         if config.topk < 1:

@@ -56,8 +56,22 @@ def run(site: str) -> dict:
     model, train, queries, cfg = setup(site)
     report: dict = {"devices": jax.device_count()}
     outs = {}
-    for devices in (1, 8):
-        c = dataclasses.replace(cfg, parallel=ParallelConfig(devices=devices))
+    runs = [(1, "replicate"), (8, "replicate")] + ([(8, "fsdp")] if site == "logits" else [])
+    for devices, placement in runs:
+        c = dataclasses.replace(cfg, parallel=ParallelConfig(devices=devices, model=placement,
+                                                             fsdp_min_size=1024))
+        if placement == "fsdp":
+            att = Attributor(model, train, c, progress=False)
+            ops, res = att.fit_operators(), None
+            res = att.measure(queries)
+            out = att.solve(res, queries.ids)
+            emb = [x for x in jax.tree.leaves(att.lm.params) if x.size == 96 * 32][0]
+            report["fsdp_weight_spec"] = str(emb.sharding.spec)
+            report["fsdp_shard_shape"] = list(emb.addressable_shards[0].data.shape)
+            for name, a, b in (("coef", np.asarray(ops.coef), outs[1][0]), ("y", res.y_qk, outs[1][1]),
+                               ("scores", out.scores_qn, outs[1][2])):
+                report[f"fsdp_{name}_max_abs_diff"] = float(np.max(np.abs(a - b)))
+            continue
         att = Attributor(model, train, c, progress=False)
         ops = att.fit_operators()
         res = att.measure(queries)

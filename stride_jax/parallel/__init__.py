@@ -34,7 +34,7 @@ import contextvars
 import dataclasses
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import jax
 import numpy as np
@@ -73,6 +73,14 @@ class ParallelConfig:
         None, "processes in the job (null: cluster detection, or STRIDE_JAX_NUM_PROCESSES)")
     process_id: int | None = option(
         None, "this process's rank (null: cluster detection, or STRIDE_JAX_PROCESS_ID)")
+    model: Literal["replicate", "fsdp"] = option(
+        "replicate", "the frozen base model's weights: a full copy on every device "
+                     "(replicate), or each large weight split over the devices of the subset "
+                     "axis along its largest divisible dimension (fsdp: for a model that does "
+                     "not fit one device; XLA gathers each weight where it is used)")
+    fsdp_min_size: int = option(
+        1 << 14, "with model=fsdp, weights smaller than this many elements stay replicated "
+                 "(splitting norms and biases saves nothing and costs a gather each)")
     solver_devices: int = option(
         1, "this process's devices each chunk of queries is split over in the solver (0: all "
            "local devices); solve.query_chunk is rounded up to a multiple of it")
@@ -159,6 +167,21 @@ class SubsetMesh:
 
     def replicate(self, x: Any) -> Any:
         return jax.tree.map(lambda a: jax.device_put(_host_input(a), self.replicated), x)
+
+    def shard_weights(self, params: Any, min_size: int = 1 << 14) -> Any:
+        """FSDP placement of a frozen model: every weight of at least ``min_size`` elements is
+        split over the devices along its largest dimension that they divide; small ones (norms,
+        biases) and indivisible ones are replicated. Each device then holds about 1/D of the
+        model; a jitted function that uses a weight gets it all-gathered by XLA."""
+        def place(x):
+            spec = [None] * np.ndim(x)
+            if np.size(x) >= min_size:
+                for a in sorted(range(np.ndim(x)), key=lambda a: -np.shape(x)[a]):
+                    if np.shape(x)[a] % self.size == 0:
+                        spec[a] = SUBSETS
+                        break
+            return jax.device_put(_host_input(x), NamedSharding(self.mesh, P(*spec)))
+        return jax.tree.map(place, params)
 
     def constrain(self, x: Any) -> Any:
         """Inside jit: ask for the leading axis of every leaf to be split over the devices."""
