@@ -104,3 +104,23 @@ def test_parse_bytes():
     assert parse_bytes("512MiB") == 512 * 2 ** 20 and parse_bytes(1000) == 1000
     with pytest.raises(ValueError, match="write e.g. 24GiB"):
         parse_bytes("lots")
+
+
+def test_plan_follows_topk_scores_and_fsdp():
+    import dataclasses
+
+    from stride_jax.parallel import ParallelConfig
+    big = dataclasses.replace(SHAPES, n=1_000_000, num_queries=1000, params_bytes=8 * 2 ** 30)
+    cfg = AttributeConfig()
+    solve = {s.stage: s for s in plan_memory(cfg, big).stages}["solve"]
+    # 1000 x 1M float32 scores = 4 GB > scores_memory_limit (2 GiB): auto keeps the top k only.
+    assert "scores top 10" in solve.detail
+    dense = {s.stage: s for s in plan_memory(dataclasses.replace(cfg, scores="dense"),
+                                             big).stages}["solve"]
+    assert dense.host - solve.host > 3.5e9
+    rep = plan_memory(cfg, big, devices=8).stages
+    fsdp = plan_memory(dataclasses.replace(cfg, parallel=ParallelConfig(devices=8, model="fsdp")),
+                       big, devices=8).stages
+    for a, b in zip(rep, fsdp):
+        if a.stage in ("cache", "train", "measure"):   # 7/8 of the 8 GiB weights leave each device
+            assert a.device - b.device == 8 * 2 ** 30 - 2 ** 30

@@ -22,7 +22,10 @@ vocabulary, ``D`` devices):
 * measurement: ``c_measure * (subset_chunk / D) * query_batch * T * V`` floats plus the base
   log-probabilities ``3 * query_batch * T * V``;
 * recovery: ``c_solve * query_chunk * (n + K)`` doubles plus the ridge's ``2 K^2`` Gram and
-  eigenvectors.
+  eigenvectors, plus the scores: ``4 Q n`` dense, or with ``scores=topk`` one block's
+  ``4 query_chunk n`` and ``24 Q topk``;
+* the frozen base model: its bytes on every device, or ``1/D`` of them with
+  ``parallel.model=fsdp``.
 
 The constants ``c_*`` are calibrated against XLA's own compiled-memory analysis of the jitted
 training step and measurement chunk (``tests/test_memory.py`` checks the estimates stay within
@@ -59,7 +62,7 @@ class Shapes:
     d_reader: int
     d_final: int
     vocab: int
-    params_bytes: int = 0  # the frozen base model (replicated on every device)
+    params_bytes: int = 0  # the frozen base model (all of it, before any FSDP split)
     upper_layers: int = 0  # layers above the reader (residual site)
 
 
@@ -172,7 +175,13 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
         measure += 4 * sc * qb * T * s.d_final * max(1, s.upper_layers) * 4
     qc = min(cfg.solve.query_chunk, s.num_queries)
     solve = C_SOLVE * 8 * qc * (s.n + K) + (2 * 8 * K * K if cfg.solve.estimator != "lasso" else 0)
-    p = s.params_bytes
+    Q = s.num_queries
+    dense = cfg.scores == "dense" or (cfg.scores == "auto" and
+                                      4 * Q * s.n <= parse_bytes(cfg.scores_memory_limit))
+    # Dense: the [Q, n] matrix; top-k: one block's [query_chunk, n] plus 2 k entries per query.
+    scores = 4 * Q * s.n if dense else 4 * qc * s.n + 24 * Q * cfg.topk
+    # FSDP: each device holds 1/D of the frozen weights (plus transient gathers of one layer's).
+    p = s.params_bytes // devices if cfg.parallel.model == "fsdp" else s.params_bytes
     return [
         StageMemory("design", design, 0, f"K={K}, d={d}"),
         StageMemory("cache", host_cache + tokens, p + 4 * 64 * T * width,
@@ -185,8 +194,9 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
         StageMemory("measure", 4 * s.num_queries * K + 12 * K * r * C,
                     int(p + 12 * K * r * C // devices + measure),
                     f"query_batch={qb}, subset_chunk={sc * devices}"),
-        StageMemory("solve", int(solve + 4 * s.num_queries * (K + s.n)), 0,
-                    f"query_chunk={qc}, n={s.n}, K={K}"),
+        StageMemory("solve", int(solve + 4 * Q * K + scores), 0,
+                    f"query_chunk={qc}, n={s.n}, K={K}, scores "
+                    f"{'dense' if dense else f'top {cfg.topk}'}"),
     ]
 
 
@@ -248,7 +258,8 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
                      "or train.tokens_per_row, use the final_hidden site (C = d_model instead of "
                      "the vocabulary), or shard over more devices (parallel.devices)",
             "measure": "shard over more devices (parallel.devices) or use the final_hidden site",
-            "solve": "lower design.num_subsets (the ridge Gram is K x K) or use "
+            "solve": "set scores=topk (keep each query's top scores instead of the dense "
+                     "Q x n matrix), lower design.num_subsets (the ridge Gram is K x K) or use "
                      "solve.estimator=lasso",
         }[s.stage]
         where = "host" if s.host > host_b else "per device"
