@@ -310,10 +310,11 @@ class Attributor:
         # resumed or reused on another number of devices.
         self.mesh = make_mesh(config.parallel)
         self.query_mesh = make_query_mesh(config.parallel)
-        if config.parallel.model not in ("replicate", "fsdp"):
-            raise ValueError(f"parallel.model must be 'replicate' or 'fsdp', got "
+        if config.parallel.model not in ("auto", "replicate", "fsdp"):
+            raise ValueError(f"parallel.model must be 'auto', 'replicate' or 'fsdp', got "
                              f"{config.parallel.model!r}")
-        if config.parallel.model == "fsdp" and self.mesh is not None:
+        if self.mesh is not None and (config.parallel.model == "fsdp" or (
+                config.parallel.model == "auto" and not self.mesh.weights_fit(self.lm.params))):
             self.lm = dataclasses.replace(self.lm, params=self.mesh.shard_weights(
                 self.lm.params, config.parallel.fsdp_min_size))
         if config.scores not in ("auto", "dense", "topk"):

@@ -73,11 +73,12 @@ class ParallelConfig:
         None, "processes in the job (null: cluster detection, or STRIDE_JAX_NUM_PROCESSES)")
     process_id: int | None = option(
         None, "this process's rank (null: cluster detection, or STRIDE_JAX_PROCESS_ID)")
-    model: Literal["replicate", "fsdp"] = option(
-        "replicate", "the frozen base model's weights: a full copy on every device "
-                     "(replicate), or each large weight split over the devices of the subset "
-                     "axis along its largest divisible dimension (fsdp: for a model that does "
-                     "not fit one device; XLA gathers each weight where it is used)")
+    model: Literal["auto", "replicate", "fsdp"] = option(
+        "auto", "the frozen base model's weights: a full copy on every device (replicate), or "
+                "each large weight split over the devices of the subset axis along its largest "
+                "divisible dimension (fsdp: for a model that does not fit one device; XLA "
+                "gathers each weight where it is used); auto: fsdp when the weights exceed half "
+                "of a device's memory (as the device reports it; CPUs report none: replicate)")
     fsdp_min_size: int = option(
         1 << 14, "with model=fsdp, weights smaller than this many elements stay replicated "
                  "(splitting norms and biases saves nothing and costs a gather each)")
@@ -182,6 +183,15 @@ class SubsetMesh:
                         break
             return jax.device_put(_host_input(x), NamedSharding(self.mesh, P(*spec)))
         return jax.tree.map(place, params)
+
+    def weights_fit(self, params: Any) -> bool:
+        """Whether the weights take at most half of one device's memory (unknown: True)."""
+        try:
+            limit = (self.mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+        except Exception:   # backends without memory statistics
+            limit = None
+        size = sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+        return limit is None or size <= limit // 2
 
     def constrain(self, x: Any) -> Any:
         """Inside jit: ask for the leading axis of every leaf to be split over the devices."""
