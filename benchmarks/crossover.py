@@ -65,13 +65,20 @@ def run_point(method: str, n: int, model, train_all, queries) -> dict:
     out: dict = {"method": method, "n": n, "queries": len(queries)}
     load = ForeignLoad().__enter__()
     t0 = time.perf_counter()
-    if method == "stride":
+    if method.startswith("stride"):
+        # "stride" is the default (logits) site; "stride_final_hidden" steers the final hidden
+        # state instead (C = d_model: cheaper training and measurement).
+        import dataclasses
+        cfg = AttributeConfig()
+        if method != "stride":
+            cfg = dataclasses.replace(cfg, steering=dataclasses.replace(
+                cfg.steering, site=method[len("stride_"):]))
         # A run directory, as the CLI always has: past cache.memory_limit (4 GiB, n > ~130k
         # here) the activation cache goes to disk.
         import shutil
-        workdir = RUNS / f"stride-n{n}"
+        workdir = RUNS / f"{method}-n{n}"
         shutil.rmtree(workdir, ignore_errors=True)
-        att = Attributor(model, train, AttributeConfig(), workdir=workdir, progress=False)
+        att = Attributor(model, train, cfg, workdir=workdir, progress=False)
         att.fit_operators()
         t1 = time.perf_counter()
         res = att.measure(queries)
@@ -138,6 +145,8 @@ def crossovers(results: list[dict]) -> dict:
     # Issue 3's pipeline target: the whole STRIDE run within 2x one forward pass.
     out = {"fits": fits, "vs": {}, "stride_over_forward": {
         r["n"]: r["seconds"] / fwd[r["n"]] for r in by.get("stride", [])
+        if r.get("seconds") and r["n"] in fwd}, "stride_final_hidden_over_forward": {
+        r["n"]: r["seconds"] / fwd[r["n"]] for r in by.get("stride_final_hidden", [])
         if r.get("seconds") and r["n"] in fwd}}
     s = fits.get("stride")
     for m in GRADIENT:
@@ -170,7 +179,8 @@ def plot(doc: dict, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     style = {"stride": ("crimson", "*"), "trak": ("steelblue", "o"), "logra": ("seagreen", "s"),
-             "influence": ("darkorange", "^"), "forward": ("gray", ".")}
+             "influence": ("darkorange", "^"), "forward": ("gray", "."),
+             "stride_final_hidden": ("purple", "*")}
     by = {}
     for r in doc["results"]:
         if r.get("seconds") is not None:
@@ -185,10 +195,10 @@ def plot(doc: dict, path: Path) -> Path | None:
         f = doc["crossover"]["fits"].get(m)
         if f and m != "forward":
             ax.plot(grid, f["a_s"] + f["b_s_per_row"] * grid, "-", color=c, alpha=0.4, lw=1)
-    for m, e in doc["crossover"]["vs"].items():
+    for i, (m, e) in enumerate(doc["crossover"]["vs"].items()):
         if e.get("fitted_n"):
             ax.axvline(e["fitted_n"], color=style[m][0], ls=":", lw=1)
-            ax.annotate(f" n*={e['fitted_n']:,.0f}\n vs {m}", (e["fitted_n"], 0.02),
+            ax.annotate(f" n*={e['fitted_n']:,.0f} vs {m}", (e["fitted_n"], 0.03 + 0.07 * i),
                         xycoords=("data", "axes fraction"), color=style[m][0], fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -211,7 +221,11 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="forward,stride,trak,logra,influence")
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "crossover.json")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from --out")
     args = p.parse_args(argv)
+    if args.plot_only:
+        print(f"plot: {plot(json.loads(args.out.read_text()), args.out.with_suffix('.png'))}")
+        return 0
     ns = [int(x) for x in args.n.split(",")]
     methods = args.methods.split(",")
 
@@ -246,7 +260,8 @@ def main(argv=None) -> int:
             if r["n"] == n:
                 row[r["method"]] = "refused" if r.get("seconds") is None else r["seconds"]
         rows.append(row)
-    print_table(rows, ["n"] + [m for m in ("forward", "stride", "trak", "logra", "influence")
+    print_table(rows, ["n"] + [m for m in ("forward", "stride", "stride_final_hidden", "trak",
+                                           "logra", "influence")
                                if any(m in r for r in rows)])
     for m, e in doc["crossover"]["vs"].items():
         fn = e.get("fitted_n")
@@ -254,8 +269,11 @@ def main(argv=None) -> int:
               f"{'none' if fn is None else f'{fn:,.0f}'}; first measured n where STRIDE is "
               f"cheaper: {e['measured_first_n_stride_cheaper']}; {m}/stride time at the largest "
               f"n: {e['ratio_at_largest_n']:.2f}x")
-    for n, x in sorted(doc["crossover"]["stride_over_forward"].items(), key=lambda kv: int(kv[0])):
-        print(f"n={int(n):>8}: STRIDE = {x:.1f} x one forward pass over the same tokens")
+    for key, site in (("stride_over_forward", "logits"),
+                      ("stride_final_hidden_over_forward", "final_hidden")):
+        for n, x in sorted(doc["crossover"].get(key, {}).items(), key=lambda kv: int(kv[0])):
+            print(f"n={int(n):>8}: STRIDE ({site}) = {x:.1f} x one forward pass over the same "
+                  f"tokens")
     png = plot(doc, args.out.with_suffix(".png"))
     if png:
         print(f"plot: {png}")
