@@ -119,3 +119,13 @@ def test_cli_rejects_a_typo_with_a_suggestion(capsys):
     assert main(["pretrain", "--out", "/nonexistent/x", "optim.epoch=1"]) == 2
     err = capsys.readouterr().err
     assert "optim.epoch" in err and "did you mean 'optim.epochs'" in err
+
+
+def test_faithful_preset_changes_only_the_measured_settings():
+    import dataclasses as dc
+
+    from stride_jax.attributor import AttributeConfig
+    d = AttributeConfig()
+    assert load_config(AttributeConfig, CONFIGS / "attribute_faithful.yaml") == dc.replace(
+        d, steering=dc.replace(d.steering, rank=64),
+        train=dc.replace(d.train, epochs=80, learning_rate=3e-3, basis_learning_rate=3e-4))
