@@ -80,3 +80,35 @@ def test_disk_cache_build_resumes_and_round_trips_bfloat16(setup, tmp_path):
     again = build_cache(lm, data, directory=tmp_path / "c", dtype="bfloat16", batch_size=16)
     np.testing.assert_array_equal(np.asarray(again.final, np.float32),
                                   np.asarray(disk.final, np.float32))
+
+
+def test_killed_cache_build_resumes_from_its_last_mark(setup, tmp_path, monkeypatch):
+    import json
+
+    import stride_jax.train._cache as cache_mod
+    lm, data, cache, _ = setup
+    row_bytes = data.seq_len * (lm.d_reader + lm.d_final) * 4
+    monkeypatch.setattr(cache_mod, "MARK_BYTES", 32 * row_bytes)   # a mark every 2 batches
+    calls = {"n": 0}
+    real = cache_mod._feature_fn
+
+    def dying(*a, **k):
+        run = real(*a, **k)
+
+        def once(*args):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt   # killed during the 4th batch
+            return run(*args)
+        return once
+
+    monkeypatch.setattr(cache_mod, "_feature_fn", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(lm, data, directory=tmp_path / "c", batch_size=16)
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["rows_done"] == 32
+    monkeypatch.setattr(cache_mod, "_feature_fn", real)
+    again = build_cache(lm, data, directory=tmp_path / "c", batch_size=16)
+    whole = build_cache(lm, data, batch_size=16)   # same batch shape, never interrupted
+    np.testing.assert_array_equal(np.asarray(again.reader), whole.reader)
+    np.testing.assert_array_equal(np.asarray(again.final), whole.final)
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["rows_done"] == len(data)
