@@ -49,7 +49,8 @@ from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
 from stride_jax.measure import MeasureConfig, Responses, measure_responses
 from stride_jax.model.transformer import CausalLM
 from stride_jax.parallel import (ParallelConfig, initialize, is_writer, make_mesh,
-                                 make_query_mesh, process_slice, query_sharding, to_host)
+                                 make_query_mesh, process_dir, process_slice, query_sharding,
+                                 to_host)
 from stride_jax.solve import SolveConfig, solve
 from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
@@ -310,9 +311,6 @@ class Attributor:
         # resumed or reused on another number of devices.
         self.mesh = make_mesh(config.parallel)
         self.query_mesh = make_query_mesh(config.parallel)
-        if config.parallel.model not in ("auto", "replicate", "fsdp"):
-            raise ValueError(f"parallel.model must be 'auto', 'replicate' or 'fsdp', got "
-                             f"{config.parallel.model!r}")
         if self.mesh is not None and (config.parallel.model == "fsdp" or (
                 config.parallel.model == "auto" and not self.mesh.weights_fit(self.lm.params))):
             self.lm = dataclasses.replace(self.lm, params=self.mesh.shard_weights(
@@ -402,9 +400,7 @@ class Attributor:
             return self._ops
         on_disk = self._cache_on_disk()
         # Every process caches the rows itself (per-host data loading), in its own directory.
-        cache_dir = None if not on_disk else (
-            directory / "cache" if jax.process_count() == 1
-            else directory / "cache" / f"process{jax.process_index()}")
+        cache_dir = process_dir(directory / "cache") if on_disk else None
         cache = build_cache(self.lm, self.train, progress=self.progress, dtype=self.config.cache.dtype,
                             directory=cache_dir)
         out = train_operators(
@@ -462,11 +458,8 @@ class Attributor:
 
     def dense_scores(self, num_queries: int) -> bool:
         """Whether the solve stage keeps the dense ``[Q, n]`` matrix (``scores``)."""
-        mode = self.config.scores
-        if mode != "auto":
-            return mode == "dense"
-        from stride_jax.parallel.memory import parse_bytes
-        return num_queries * len(self.train) * 4 <= parse_bytes(self.config.scores_memory_limit)
+        from stride_jax.parallel.memory import scores_dense
+        return scores_dense(self.config, num_queries=num_queries, n=len(self.train))
 
     def solve(self, responses: Responses, query_ids: Sequence[str] | None = None) -> Attribution:
         """Per-query recovery over the design (stage ``solve``): dense scores, or each query's

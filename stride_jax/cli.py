@@ -221,8 +221,6 @@ def _join_processes(parallel, args) -> None:
 def cmd_attribute(args) -> int:
     import hashlib
 
-    import jax
-
     from stride_jax.attributor import AttributeConfig
     from stride_jax.data import (
         DataError,
@@ -234,6 +232,7 @@ def cmd_attribute(args) -> int:
         tokenize_to_disk,
     )
     from stride_jax.model.hf import from_hf
+    from stride_jax.parallel import process_dir
     from stride_jax.parallel.memory import parse_bytes
     from stride_jax.tokenizer import as_backend, check_vocab_matches, load_tokenizer, vocab_size_of
 
@@ -264,9 +263,8 @@ def cmd_attribute(args) -> int:
         # Rows larger than memory live memory-mapped in the run directory; a rerun reuses them
         # while everything that shapes them is unchanged (the source by size and mtime, the
         # tokenizer by the hash of its serialisation).
-        tokens_dir = args.out / "tokens" / "train"
-        if jax.process_count() > 1:   # every host tokenizes its own copy (per-host loading)
-            tokens_dir = tokens_dir / f"process{jax.process_index()}"
+        # Every host tokenizes its own copy (per-host loading).
+        tokens_dir = process_dir(args.out / "tokens" / "train")
         meta = {**source, "vocab_size": vocab_size_of(tokenizer), "seq_len": seq_len,
                 "mode": mode, "tokenizer": hashlib.sha256(
                     as_backend(tokenizer).to_str().encode()).hexdigest()[:16]}

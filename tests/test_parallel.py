@@ -76,3 +76,9 @@ def test_fsdp_splits_the_base_model_and_changes_nothing(report):
     assert r["fsdp_coef_max_abs_diff"] <= 1e-3 * r["coef_max_abs"]
     assert r["fsdp_y_max_abs_diff"] <= 1e-4 * r["y_max_abs"]
     assert r["fsdp_scores_max_abs_diff"] <= 1e-3 * r["scores_max_abs"]
+
+
+def test_unknown_model_placement_is_refused():
+    from stride_jax.parallel import ParallelConfig
+    with pytest.raises(ValueError, match="parallel.model must be 'auto', 'replicate' or 'fsdp'"):
+        ParallelConfig(model="shard")

@@ -47,8 +47,8 @@ SUBSETS = "subsets"
 QUERIES = "queries"
 
 __all__ = ["ParallelConfig", "QUERIES", "SUBSETS", "SubsetMesh", "initialize", "is_writer",
-           "make_mesh", "make_query_mesh", "place_queries", "process_slice", "query_sharding",
-           "to_host"]
+           "make_mesh", "make_query_mesh", "place_queries", "process_dir", "process_slice",
+           "query_sharding", "to_host"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,11 @@ class ParallelConfig:
     solver_devices: int = option(
         1, "this process's devices each chunk of queries is split over in the solver (0: all "
            "local devices); solve.query_chunk is rounded up to a multiple of it")
+
+    def __post_init__(self) -> None:
+        if self.model not in ("auto", "replicate", "fsdp"):
+            raise ValueError(f"parallel.model must be 'auto', 'replicate' or 'fsdp', got "
+                             f"{self.model!r}")
 
 
 def _env_int(name: str) -> int | None:
@@ -269,13 +274,20 @@ def place_queries(x: Any, axis: int, dtype: Any = None) -> jax.Array:
     """``x`` on the device(s): split along ``axis`` (the query axis) inside
     :func:`query_sharding`, else on the default device."""
     import jax.numpy as jnp
-    x = jnp.asarray(x, dtype) if not isinstance(x, np.ndarray) else x.astype(dtype or x.dtype)
     mesh = _QUERY_MESH.get()
     if mesh is None:
-        return jnp.asarray(x)
+        return jnp.asarray(x, dtype)
     spec = [None] * np.ndim(x)
     spec[axis] = QUERIES
-    return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    return jax.device_put(np.asarray(x, dtype), NamedSharding(mesh, P(*spec)))
+
+
+def process_dir(path: Any) -> Any:
+    """``path`` itself in a single-process run, else this process's own subdirectory of it (for
+    files every process writes for itself: its tokenized rows, its activation cache)."""
+    if jax.process_count() == 1:
+        return path
+    return path / f"process{jax.process_index()}"
 
 
 def process_slice(num: int) -> tuple[int, int, int]:

@@ -40,7 +40,7 @@ import re
 from typing import Any
 
 __all__ = ["MemoryBudgetError", "MemoryPlan", "Shapes", "StageMemory", "cache_on_disk", "format_bytes",
-           "parse_bytes", "plan_memory"]
+           "parse_bytes", "plan_memory", "scores_dense"]
 
 # Calibrated against XLA's memory_analysis() (see the module docstring).
 C_TRAIN = 2.5
@@ -140,6 +140,14 @@ def cache_on_disk(cache_cfg, *, rows: int, seq_len: int, width: int, has_workdir
     return rows * seq_len * width * itemsize > parse_bytes(cache_cfg.memory_limit)
 
 
+def scores_dense(cfg, *, num_queries: int, n: int) -> bool:
+    """Whether the solve keeps the dense ``[Q, n]`` score matrix (``cfg.scores``; ``auto``: when
+    its float32 bytes fit ``scores_memory_limit``), else each query's top ``topk``."""
+    if cfg.scores != "auto":
+        return cfg.scores == "dense"
+    return 4 * num_queries * n <= parse_bytes(cfg.scores_memory_limit)
+
+
 def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[StageMemory]:
     from stride_jax.subsets import default_num_subsets
     d = cfg.design.per_example
@@ -176,8 +184,7 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
     qc = min(cfg.solve.query_chunk, s.num_queries)
     solve = C_SOLVE * 8 * qc * (s.n + K) + (2 * 8 * K * K if cfg.solve.estimator != "lasso" else 0)
     Q = s.num_queries
-    dense = cfg.scores == "dense" or (cfg.scores == "auto" and
-                                      4 * Q * s.n <= parse_bytes(cfg.scores_memory_limit))
+    dense = scores_dense(cfg, num_queries=Q, n=s.n)
     # Dense: the [Q, n] matrix; top-k: one block's [query_chunk, n] plus 2 k entries per query.
     scores = 4 * Q * s.n if dense else 4 * qc * s.n + 24 * Q * cfg.topk
     # FSDP: each device holds 1/D of the frozen weights (plus transient gathers of one layer's).
