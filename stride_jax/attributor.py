@@ -54,7 +54,9 @@ from stride_jax.parallel import (ParallelConfig, initialize, is_writer, make_mes
 from stride_jax.solve import SolveConfig, solve
 from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
-from stride_jax.train import OperatorTrainConfig, build_cache, train_operators
+from stride_jax.train import (ClosedFormConfig, OperatorFactors, OperatorTrainConfig, build_cache,
+                              closed_form_scores, fit_factors, operator_gradients, query_losses,
+                              token_scores, train_operators)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,14 @@ class CacheConfig:
 class AttributeConfig:
     """A whole STRIDE run."""
 
+    operators: Literal["closed_form", "trained"] = option(
+        "closed_form", "closed_form: every operator fitted by one Newton step with a "
+                       "Kronecker-factored Fisher, decoded exactly (the K -> infinity limit of "
+                       "the regression over subsets; deterministic, no training noise; the "
+                       "closed_form section); trained: the paper's operators trained jointly by "
+                       "Adam on random subsets and decoded by regression (design, train, "
+                       "measure and solve sections)")
+    closed_form: ClosedFormConfig = option(ClosedFormConfig(), "closed-form operators")
     design: DesignConfig = option(DesignConfig(), "subset design")
     steering: SteeringConfig = option(SteeringConfig(), "operator family")
     train: OperatorTrainConfig = option(OperatorTrainConfig(), "operator training")
@@ -186,6 +196,11 @@ class TopScores(NamedTuple):
                 idx[q, :c.size], val[q, :c.size] = c, w[q, c]
             out += [idx, val]
         return cls(*out)
+
+    @classmethod
+    def empty(cls, num_queries: int, k: int) -> "TopScores":
+        return cls(np.full((num_queries, k), -1, np.int64), np.zeros((num_queries, k), np.float32),
+                   np.full((num_queries, k), -1, np.int64), np.zeros((num_queries, k), np.float32))
 
     @classmethod
     def concat(cls, parts: Sequence["TopScores"]) -> "TopScores":
@@ -330,8 +345,19 @@ class Attributor:
             dump_config(config, self.workdir / "attribute.yaml")
 
     # -- stamps --------------------------------------------------------------------------------
+    @property
+    def closed_form(self) -> bool:
+        return self.config.operators == "closed_form"
+
     def _stamp(self, stage: str) -> dict:
         c = self.config
+        if self.closed_form:
+            # batch_size and checkpoint_rows only change float rounding and resumption.
+            cf = {k: v for k, v in to_dict(c.closed_form).items()
+                  if k not in ("batch_size", "checkpoint_rows")}
+            return {"operators": "closed_form", "n": len(self.train), "model": self.lm.fingerprint,
+                    "layer": self.lm.layer, "train_rows": self._train_fingerprint,
+                    "site": c.steering.site, "closed_form": cf, "seed": c.seed}
         base = {"n": len(self.train), "design": to_dict(c.design), "seed": c.seed}
         if stage == "design":
             return base
@@ -387,10 +413,13 @@ class Attributor:
         self._design = design
         return design
 
-    def fit_operators(self) -> Operators:
-        """Cache activations and train all operators (stage ``operators``; resumable)."""
+    def fit_operators(self) -> Operators | OperatorFactors:
+        """Cache activations and train all operators (stage ``operators``; resumable); with
+        ``operators=closed_form`` the Kronecker factors of the closed-form operators instead."""
         if self._ops is not None:
             return self._ops
+        if self.closed_form:
+            return self._fit_factors()
         design = self.design()
         directory = self._stage_dir("operators")
         payload = self._stamp("operators")
@@ -427,8 +456,110 @@ class Attributor:
                         (directory / "cache").rmdir()
         return self._ops
 
+    def _fit_factors(self) -> OperatorFactors:
+        directory = self._stage_dir("operators")
+        payload = self._stamp("operators")
+        if directory is not None and open_stage(directory, "operators", payload,
+                                                overwrite=self.overwrite):
+            log.info("reusing operators (closed form) in %s", directory)
+            self._ops = OperatorFactors.load(directory / "factors.npz")
+            return self._ops
+        self._ops = fit_factors(self.lm, self.train, self.config.steering.site,
+                                self.config.closed_form, key=jax.random.fold_in(self.root, 1),
+                                mesh=self.mesh, progress=self.progress,
+                                resume_path=None if directory is None
+                                else directory / "partial.npz")
+        if directory is not None:
+            self._ops.save(directory / "factors.npz")
+            complete_stage(directory, "operators", payload)
+            (directory / "partial.npz").unlink(missing_ok=True)
+        return self._ops
+
+    def query_gradients(self, queries: TokenizedSet) -> Responses:
+        """Closed form: each query's whitened operator gradient ``g~_q`` (``y_qk``, ``[Q, D k]``)
+        and base loss (stage ``responses``)."""
+        factors = self.fit_operators()
+        qfp = rows_fingerprint(queries)
+        directory = None if self.workdir is None else self.workdir / "responses" / qfp
+        payload = {"operators": self._stamp("operators"), "queries": qfp}
+        if directory is not None and open_stage(directory, "responses", payload,
+                                                overwrite=self.overwrite):
+            log.info("reusing query gradients in %s", directory)
+            return Responses(np.load(directory / "g.npy", allow_pickle=False),
+                             np.load(directory / "base_loss.npy", allow_pickle=False))
+        from stride_jax.train import check_rows_fit
+        check_rows_fit(self.lm, queries, "query")
+        counts = queries.loss_mask.sum(1)
+        if (counts == 0).any():
+            bad = queries.ids[int(np.flatnonzero(counts == 0)[0])]
+            raise ValueError(f"query {bad!r} has no scored token (empty completion?); give it a "
+                             f"non-empty text/completion")
+        cf = self.config.closed_form
+        g = operator_gradients(self.lm, queries, factors, cf, mesh=self.mesh)
+        base = query_losses(self.lm, queries, cf)
+        bad = ~np.isfinite(g)
+        if bad.any():
+            q = int(np.nonzero(bad)[0][0])
+            raise FloatingPointError(f"the operator gradient of query {queries.ids[q]!r} is "
+                                     f"NaN/inf: check the model's weights and that the query's "
+                                     f"tokens are in its vocabulary")
+        if directory is not None:
+            save_npy(directory / "g.npy", g)
+            save_npy(directory / "base_loss.npy", base)
+            complete_stage(directory, "responses", payload)
+        return Responses(g, base)
+
+    def _solve_closed_form(self, responses: Responses, query_ids: Sequence[str]) -> Attribution:
+        factors = self.fit_operators()
+        g = np.asarray(responses.y_qk, np.float32)
+        Q, n = g.shape[0], len(self.train)
+        dense = self.dense_scores(Q)
+        rfp = array_fingerprint(g)
+        directory = None if self.workdir is None else self.workdir / "solve" / rfp
+        k = self.config.topk
+        payload = {"responses": rfp, "operators": self._stamp("operators"),
+                   "scores": "dense" if dense else f"top{k}"}
+        w = top = None
+        if directory is not None and open_stage(directory, "solve", payload,
+                                                overwrite=self.overwrite):
+            log.info("reusing scores in %s", directory)
+            if dense:
+                w = np.load(directory / "scores.npy", allow_pickle=False)
+            else:
+                top = TopScores.load(directory / "scores_topk.npz")
+        else:
+            resume = None if directory is None else directory / "partial.npz"
+            cf = self.config.closed_form
+            if dense:
+                w = closed_form_scores(self.lm, self.train, factors, g, cf, mesh=self.mesh,
+                                       progress=self.progress, resume_path=resume)["s"]
+            else:
+                acc = closed_form_scores(self.lm, self.train, factors, g, cf, mesh=self.mesh,
+                                         progress=self.progress, resume_path=resume,
+                                         acc=TopScores.empty(Q, k)._asdict(),
+                                         update=_merge_top)
+                top = TopScores(**acc)
+            bad = ~np.isfinite(w if dense else np.concatenate([top.pro_score, top.opp_score]))
+            if bad.any():
+                raise FloatingPointError("closed-form scores are NaN/inf: check the model's "
+                                         "weights for NaN/inf")
+            if directory is not None:
+                if dense:
+                    save_npy(directory / "scores.npy", w)
+                else:
+                    top.save(directory / "scores_topk.npz")
+                complete_stage(directory, "solve", payload)
+                if resume is not None:
+                    resume.unlink(missing_ok=True)
+        return Attribution(w, list(query_ids), list(self.train.ids), g[:, :0],
+                           np.asarray(responses.base_loss_q), np.full(Q, np.nan), np.zeros(Q),
+                           top)
+
     def measure(self, queries: TokenizedSet) -> Responses:
-        """Responses ``y[q, k]`` of the queries to every operator (stage ``responses``)."""
+        """Responses ``y[q, k]`` of the queries to every operator (stage ``responses``); with
+        closed-form operators, the queries' whitened operator gradients (:meth:`query_gradients`)."""
+        if self.closed_form:
+            return self.query_gradients(queries)
         ops = self.fit_operators()
         qfp = rows_fingerprint(queries)
         # One directory per query set, so new queries reuse the operators without a clash.
@@ -468,6 +599,10 @@ class Attributor:
         Queries are split evenly over processes, then each process's chunks of queries over its
         ``parallel.solver_devices`` devices; a query's answer does not depend on the split.
         """
+        if self.closed_form:
+            Q = np.asarray(responses.y_qk).shape[0]
+            return self._solve_closed_form(responses, query_ids if query_ids is not None
+                                           else [str(i) for i in range(Q)])
         design = self.design()
         y = np.asarray(responses.y_qk, np.float64)
         if y.ndim != 2 or y.shape[1] != design.num_subsets:
@@ -546,6 +681,20 @@ class Attributor:
         directory = self._stage_dir("selfinf")
         payload = {"operators": self._stamp("operators"), "num_outside": num_outside,
                    "measure": to_dict(self.config.measure)}
+        if self.closed_form:
+            # The closed form's self-influence is s_ii = |g~_i|^2: the loss decrease on i itself
+            # of a Newton step of the operator on i (no subsets to compare).
+            payload = {"operators": self._stamp("operators")}
+            if directory is not None and open_stage(directory, "selfinf", payload,
+                                                    overwrite=self.overwrite):
+                return np.load(directory / "score.npy", allow_pickle=False)
+            g = operator_gradients(self.lm, self.train, ops, self.config.closed_form,
+                                   mesh=self.mesh, progress=self.progress)
+            score = np.einsum("nd,nd->n", g, g).astype(np.float32)
+            if directory is not None:
+                save_npy(directory / "score.npy", score)
+                complete_stage(directory, "selfinf", payload)
+            return score
         if directory is not None and open_stage(directory, "selfinf", payload,
                                                 overwrite=self.overwrite):
             return np.load(directory / "score.npy", allow_pickle=False)
@@ -571,18 +720,66 @@ class Attributor:
         (:mod:`stride_jax.apps.tokens`). ``decode`` maps a list of token ids to text."""
         from stride_jax.apps.tokens import token_report
         k = self.config.topk if k is None else k
-        res = self.token_responses(queries)
         pos = {qid: q for q, qid in enumerate(result.query_ids)}
         listed = []
         for qid in queries.ids:
             pro, opp = result.top(pos[qid], k)
             listed.append([(i, "proponent") for i, _ in pro] + [(i, "opponent") for i, _ in opp])
+        if self.closed_form:
+            return self._token_attribution_closed_form(queries, listed, decode)
+        res = self.token_responses(queries)
         return token_report(self.design(), res.y_qtk, res.base_logprob_qt, queries.loss_mask,
                             queries.target_ids(), queries.ids, listed, self.train.ids, decode)
+
+    def _token_attribution_closed_form(self, queries: TokenizedSet, listed, decode) -> dict:
+        """Closed form: a score is a sum over the query's scored tokens, ``s_qi = sum_t
+        <phi~_qt (x) e~_qt, g~_i>``; each token's term is its effect (they add up exactly)."""
+        factors = self.fit_operators()
+        cf = self.config.closed_form
+        out = []
+        targets = queries.target_ids()
+        for q, qid in enumerate(queries.ids):
+            one = queries.subset([q])
+            idx = [i for i, _ in listed[q]]
+            g_i = (operator_gradients(self.lm, self.train.subset(idx), factors, cf)
+                   if idx else np.zeros((0, factors.dim), np.float32))
+            eff = token_scores(self.lm, one, factors, g_i)[0]       # [T, m]
+            tpos = np.flatnonzero(one.loss_mask[0] > 0)
+            out.append({
+                "query_id": str(qid),
+                "tokens": [decode([int(targets[q, t])]) for t in tpos],
+                "examples": [{"id": str(self.train.ids[i]), "index": int(i), "kind": kind,
+                              "effect": [float(v) for v in eff[tpos, j]]}
+                             for j, (i, kind) in enumerate(listed[q])],
+            })
+        return {"queries": out, "method": "closed-form operators: each scored query token's "
+                                          "term of the score (they sum to the score)"}
 
     def attribute(self, queries: TokenizedSet) -> Attribution:
         """All stages: operators, measurement, recovery."""
         return self.solve(self.measure(queries), queries.ids)
+
+
+def _merge_top(acc: dict, lo: int, hi: int, s_chunk: np.ndarray) -> dict:
+    """Fold the scores of training rows ``lo..hi`` into each query's kept top scores (the
+    order of :meth:`TopScores.from_dense`: score, then index)."""
+    k = acc["pro_index"].shape[1]
+    idx = np.arange(lo, hi)
+    out = {}
+    for side, sign in (("pro", 1.0), ("opp", -1.0)):
+        cand_i = np.concatenate([acc[f"{side}_index"],
+                                 np.broadcast_to(idx, s_chunk.shape)], axis=1)
+        cand_s = np.concatenate([acc[f"{side}_score"], s_chunk.astype(np.float32)], axis=1)
+        key = np.where(cand_i >= 0, sign * cand_s, -np.inf)
+        key = np.where(key > 0, key, -np.inf)
+        order = np.lexsort((np.where(cand_i >= 0, cand_i, np.iinfo(np.int64).max), -key),
+                           axis=1)[:, :k]
+        take_i = np.take_along_axis(cand_i, order, 1)
+        take_s = np.take_along_axis(cand_s, order, 1)
+        keep = np.isfinite(np.take_along_axis(key, order, 1))
+        out[f"{side}_index"] = np.where(keep, take_i, -1)
+        out[f"{side}_score"] = np.where(keep, take_s, 0.0).astype(np.float32)
+    return out
 
 
 def _pad_rows(a: np.ndarray, rows: int, value: float = 0) -> np.ndarray:
