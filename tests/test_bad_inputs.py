@@ -154,11 +154,17 @@ ATTRIBUTE_CASES = {
     "design_d_above_k": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
                          ["design.num_subsets=10", "design.per_example=20"]),
-        ["d=20 subsets per example cannot exceed K=10 subsets; lower d or raise K"]),
+        ["design.per_example=20 cannot exceed the K=10 subsets of design.num_subsets",
+         "lower design.per_example or raise design.num_subsets"]),
     "design_empty_subsets": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["design.num_subsets=100", "design.per_example=1"]),
+        ["num_subsets=100, per_example=1", "is empty (", "of 100 are)", "lower K or raise d"]),
+    "design_subsets_cannot_fill": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
                          ["design.num_subsets=1000", "design.per_example=1"]),
-        ["num_subsets=1000, per_example=1", "is empty (", "of 1000 are)", "lower K or raise d"]),
+        ["design.num_subsets=1000 leaves subsets empty: n=120 rows",
+         "lower design.num_subsets to at most 120 (or null), or raise design.per_example"]),
     "rank_zero": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["steering.rank=0"]),
         ["steering.rank=0 must be >= 1; set a positive rank"]),

@@ -180,7 +180,7 @@ def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[
     """
     import json
 
-    from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.io.atomic import atomic_write_text, json_text
     scores, _, pool_ids, texts = load_run(run_dir)
     values = aggregate(scores, how)
     n = len(pool_ids)
@@ -195,5 +195,6 @@ def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[
             rec["text"] = texts[pool_ids[i]]
         recs.append(rec)
     path = Path(out) if out is not None else Path(run_dir) / "selected.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    atomic_write_text(path, "".join(json_text(r, what=str(path), ensure_ascii=False) + "\n"
+                                    for r in recs))
     return recs, path

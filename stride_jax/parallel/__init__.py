@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
 from stride_jax.io.atomic import is_writer  # the one rule: process 0 logs and writes
 
 SUBSETS = "subsets"
@@ -90,6 +90,15 @@ class ParallelConfig:
         if self.model not in ("auto", "replicate", "fsdp"):
             raise ValueError(f"parallel.model must be 'auto', 'replicate' or 'fsdp', got "
                              f"{self.model!r}")
+        extra = []
+        if (self.num_processes is not None and self.process_id is not None
+                and self.process_id >= self.num_processes >= 1):
+            extra.append(("process_id", self.process_id,
+                          f"must be below num_processes={self.num_processes} (ranks count from 0)"))
+        check_ranges(self, {"devices": ">= 0", "num_processes": ">= 1", "process_id": ">= 0",
+                            "fsdp_min_size": ">= 0", "solver_devices": ">= 0"},
+                     fixes={"devices": "0 uses all devices",
+                            "solver_devices": "0 uses all local devices"}, extra=extra)
 
 
 def _env_int(name: str) -> int | None:
