@@ -8,6 +8,7 @@ status 2 and a single ``stride-jax <cmd>: error: ...`` line on stderr, never a t
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import logging
 import shutil
@@ -25,7 +26,7 @@ from stride_jax.io.safetensors import load_file, save_file
 from stride_jax.model.hf import from_hf
 from stride_jax.recipes import pretrain
 from stride_jax.subsets import bernoulli_design, expander_design
-from stride_jax.tokenizer import load_tokenizer, save_tokenizer
+from stride_jax.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from _tiny import TINY, write_pairs
 
 # The tiny model of tests/test_attribute.py: 2 blocks, a 300-token vocabulary, 32-token context.
@@ -89,6 +90,26 @@ def _bigger_tokenizer(model: Path, tmp_path: Path) -> Path:
     tok = load_tokenizer(model)
     tok.add_tokens([f"<extra{i}>" for i in range(20)])
     return save_tokenizer(tok, tmp_path / "tok")
+
+
+def _foreign_tokenizer(tmp_path: Path) -> Path:
+    # Another model's tokenizer, no larger than the model's embedding: it passes the size check
+    # and, unchecked, runs and gives wrong losses and scores.
+    other = train_bpe(["To be, or not to be, that is the question. " * 50,
+                       "Shall I compare thee to a summer's day? " * 50], vocab_size=290)
+    return save_tokenizer(other, tmp_path / "other_tok")
+
+
+def _lines(src: Path, dst: Path, count: int) -> Path:
+    return _write(dst, "".join(src.read_text(encoding="utf-8").splitlines(True)[:count]))
+
+
+def _dir_with(tmp_path: Path, files: dict[str, str]) -> Path:
+    d = tmp_path / "docs"
+    d.mkdir()
+    for name, text in files.items():
+        _write(d / name, text)
+    return d
 
 
 # case -> (function (model, data dir, tmp) -> (--model, --train, --queries, extra args), phrases)
@@ -174,6 +195,73 @@ ATTRIBUTE_CASES = {
     "epochs_zero": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["train.epochs=0"]),
         ["train.epochs=0 must be >= 1"]),
+    # Files that are neither JSON Lines nor text, whatever their name.
+    "gzip_train": (
+        lambda m, d, t: (m, _write(t / "train.jsonl.gz", gzip.compress(
+            (d / "train.jsonl").read_bytes())), d / "queries.jsonl", []),
+        ["train.jsonl.gz: a gzip-compressed file, not JSON Lines or UTF-8 text; decompress it "
+         "first"]),
+    "utf16_queries": (
+        lambda m, d, t: (m, d / "train.jsonl", _write(
+            t / "q.jsonl", (d / "queries.jsonl").read_text().encode("utf-16")), []),
+        ["q.jsonl: UTF-16 text, not JSON Lines or UTF-8 text; re-encode it as UTF-8"]),
+    "json_array_train": (
+        lambda m, d, t: (m, _write(t / "train.json", json.dumps(
+            [json.loads(x) for x in (d / "train.jsonl").read_text().splitlines()], indent=1)),
+            d / "queries.jsonl", []),
+        ["train.json: one JSON document (an array), not JSON Lines; write one JSON object per "
+         "line", "jq -c"]),
+    "directory_without_txt": (
+        lambda m, d, t: (m, _dir_with(t, {"part.jsonl": '{"id": "a", "text": "x"}\n',
+                                          "notes.md": "notes"}), d / "queries.jsonl", []),
+        ["no *.txt files in this directory (it holds notes.md, part.jsonl)",
+         "pass a .jsonl file itself"]),
+    "jsonl_inside_a_text_directory": (
+        lambda m, d, t: (m, _dir_with(t, {"part.txt": (d / "train.jsonl").read_text()}),
+                         d / "queries.jsonl", []),
+        ["part.txt: holds JSON Lines", "pass the file itself, or format='text' "
+         "(data.format=text)"]),
+    # Degenerate training sets and settings checked against them before any training.
+    "one_training_row": (
+        lambda m, d, t: (m, _lines(d / "train.jsonl", t / "one.jsonl", 1), d / "queries.jsonl",
+                         ["design.num_subsets=null", "design.per_example=40"]),
+        ["1 training row(s): attribution compares subsets with and without each example, so it "
+         "needs at least 2 training rows"]),
+    "cv_folds_above_k": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["design.num_subsets=4", "design.per_example=2", "solve.cv_folds=5"]),
+        ["solve.cv_folds=5 exceeds the K=4 subsets (design.num_subsets)",
+         "set solve.cv_folds to at most 4"]),
+    "cv_folds_above_automatic_k": (
+        lambda m, d, t: (m, _lines(d / "train.jsonl", t / "two.jsonl", 2), d / "queries.jsonl",
+                         ["design.num_subsets=null", "design.per_example=1"]),
+        ["solve.cv_folds=3 exceeds the K=2 subsets (chosen for n=2 training rows and "
+         "design.per_example=1; design.num_subsets sets it)", "set solve.cv_folds to at most 2"]),
+    # Settings out of their range, refused when the config is loaded.
+    "seq_len_zero": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["data.seq_len=0"]),
+        ["data.seq_len=0 must be >= 2"]),
+    "negative_token_queries": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["token_queries=-1"]),
+        ["token_queries=-1 must be >= 0"]),
+    "nan_learning_rate": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["train.learning_rate=.nan"]),
+        ["train.learning_rate=nan must be a finite number > 0"]),
+    "seed_beyond_32_bits": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["seed=4294967296"]),
+        ["seed=4294967296 must lie in [0, 4294967295]"]),
+    "unreadable_size": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["cache.memory_limit=lots"]),
+        ["cache.memory_limit='lots' is not a size; write e.g. 24GiB"]),
+    # The model, its tokenizer, and where the outputs go.
+    "foreign_tokenizer": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["--tokenizer", str(_foreign_tokenizer(t))]),
+        ["other_tok is not the one the model was trained with", "tokens have another id",
+         "omit --tokenizer to use the model's, or pass --force-tokenizer"]),
+    "model_is_a_file": (
+        lambda m, d, t: (m / "config.json", d / "train.jsonl", d / "queries.jsonl", []),
+        ["config.json is a file, not a directory; pass the model directory"]),
 }
 
 # Cases that damage a copy of the model directory: case -> (edit (copy, tmp), phrases). An edit
@@ -212,7 +300,21 @@ MODEL_CASES = {
         lambda m, t: ["--tokenizer", str(_bigger_tokenizer(m, t))],
         ["tokenizer has 320 tokens but the model's embedding has 300 rows",
          "pass the tokenizer saved with the model"]),
+    "rope_theta_zero": (
+        lambda m, t: _edit_config_json(m, rope_parameters={"rope_type": "default",
+                                                           "rope_theta": 0}),
+        ["config.json holds a value stride-jax cannot use",
+         "rope_theta=0.0 must be a positive finite number", "re-download or re-export"]),
+    "config_json_lacks_a_setting": (
+        lambda m, t: _drop_config_key(m, "vocab_size"),
+        ["config.json lacks the setting 'vocab_size'", "re-download or re-export the model"]),
 }
+
+
+def _drop_config_key(model: Path, key: str) -> None:
+    hf = json.loads((model / "config.json").read_text())
+    del hf[key]
+    (model / "config.json").write_text(json.dumps(hf))
 
 
 def _attribute(model, train, queries, out, extra) -> list[str]:
