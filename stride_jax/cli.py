@@ -95,10 +95,9 @@ def cmd_demo(args) -> int:
 
     from stride_jax.attributor import AttributeConfig
     from stride_jax.config import load_config, to_dict
-    from stride_jax.io.outdir import read_run_stamp
-    from stride_jax.io.stamps import canonical_payload
     from stride_jax.model.hf import from_hf
     from stride_jax.recipes import PretrainConfig, build_corpus, format_loss_curve, pretrain
+    from stride_jax.recipes.pretrain import finished_pretrain
 
     cfg = load_config(PretrainConfig, args.config)
     att_cfg = load_config(AttributeConfig, args.attribute_config, args.overrides)
@@ -106,10 +105,8 @@ def cmd_demo(args) -> int:
     model_dir = args.out / "model"
     print(f"stride-jax {__version__} demo: the tiny model on the embedded Shakespeare corpus")
     t0 = time.perf_counter()
-    # Reused only when the model's own stamp says this recipe made it and finished.
-    stamp = read_run_stamp(model_dir) or {}
-    if (not args.force and stamp.get("stage") == "pretrain" and stamp.get("complete")
-            and stamp.get("payload") == canonical_payload({"recipe": to_dict(cfg)})):
+    # Reused only when the model's own stamp says this recipe made it and its files are there.
+    if not args.force and finished_pretrain(model_dir, cfg):
         print(f"reusing the pretrained model in {model_dir} (--force retrains)")
         hist = json.loads((model_dir / "history.json").read_text())
         print(format_loss_curve(hist["history"]))
@@ -126,10 +123,11 @@ def cmd_demo(args) -> int:
     print(f"2/2 attributing {len(queries)} held-out queries to {len(corpus.train)} training rows "
           f"(site={att_cfg.steering.site}, rank={att_cfg.steering.rank})")
     t1 = time.perf_counter()
+    _open_run(args.out / "attribution", att_cfg, overwrite=args.overwrite,
+              inputs={"demo": {"recipe": to_dict(cfg), "queries": len(queries)}})
     result, train_texts, query_texts = _attribute_and_write(
         model, corpus.tokenizer, corpus.train, queries, att_cfg, args.out / "attribution",
-        overwrite=args.overwrite, progress=not args.quiet,
-        inputs={"demo": {"recipe": to_dict(cfg), "queries": len(queries)}})
+        overwrite=args.overwrite, progress=not args.quiet)
     print_attribution(result, train_texts, query_texts)
     from stride_jax.apps.report import write_report
     page = write_report(args.out / "attribution", title="stride-jax demo")
@@ -196,21 +194,24 @@ def print_attribution(result, train_texts, query_texts, *, queries: int = 3, k: 
             print("    (none: no example has a negative score)")
 
 
+def _open_run(out: Path, cfg, *, overwrite: bool, inputs: dict) -> None:
+    """Stamp the run directory with everything its outputs depend on; other outputs there are
+    refused, or with --overwrite removed, before any work (stride_jax.io.outdir)."""
+    from stride_jax.attributor import RUN_ARTIFACTS, SELF_STAMPED
+    from stride_jax.config import to_dict
+    from stride_jax.io.outdir import open_output_dir
+    open_output_dir(out, "attribute", {**inputs, "config": to_dict(cfg)}, overwrite=overwrite,
+                    artifacts=RUN_ARTIFACTS, keep=SELF_STAMPED)
+
+
 def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Path, *,
-                         overwrite: bool, progress: bool, inputs: dict,
-                         self_influence: bool = False):
+                         overwrite: bool, progress: bool, self_influence: bool = False):
     import numpy as np
 
-    from stride_jax.attributor import RUN_ARTIFACTS, SELF_STAMPED, Attributor
-    from stride_jax.config import to_dict
+    from stride_jax.attributor import Attributor
     from stride_jax.io.atomic import write_json
-    from stride_jax.io.outdir import complete_output_dir, open_output_dir
+    from stride_jax.io.outdir import complete_output_dir
     from stride_jax.tokenizer import as_backend
-    # The run directory is stamped with everything its outputs depend on; other outputs there
-    # are refused, or with --overwrite removed, before any work.
-    open_output_dir(out, "attribute", {**inputs, "config": to_dict(cfg),
-                                       "self_influence": self_influence},
-                    overwrite=overwrite, artifacts=RUN_ARTIFACTS, keep=SELF_STAMPED)
     att = Attributor(model, train_rows, cfg, workdir=out, overwrite=overwrite, progress=progress)
     result = att.attribute(query_rows)
     train_texts, query_texts = row_texts(train_rows, tokenizer), row_texts(query_rows, tokenizer)
@@ -307,10 +308,17 @@ def cmd_attribute(args) -> int:
     longer = (f", or raise data.seq_len up to the model's context ({context} tokens)"
               if seq_len < context else "")
     too_long_fix = f"set data.train_mode=chunk to cut the documents of {args.train}{longer}"
-    # Read the queries first: a bad query file fails before the training data is tokenized.
-    query_docs = read_documents(args.queries, format=fmt)
+    # The queries first: a bad query file fails before the training data is tokenized.
+    query_rows = tokenize_documents(
+        read_documents(args.queries, format=fmt), tokenizer, seq_len, mode="document",
+        too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")
     threshold = parse_bytes(cfg.data.stream_threshold)
     source = source_stamp(args.train)
+    _open_run(args.out, cfg, overwrite=args.overwrite, inputs={
+        "model": str(args.model.resolve()), "tokenizer": tokenizer_fingerprint(tokenizer),
+        "train": {"path": str(args.train.resolve()), "size": source["size"]},
+        "queries": rows_fingerprint(query_rows), "memory_budget": args.memory_budget,
+        "self_influence": args.self_influence})
     stream = cfg.data.stream
     if stream == "auto":
         stream = "on" if source["size"] > threshold else "off"
@@ -335,17 +343,11 @@ def cmd_attribute(args) -> int:
     else:
         train_rows = tokenize_documents(read_documents(args.train, format=fmt), tokenizer,
                                         seq_len, mode=mode, too_long_fix=too_long_fix)
-    query_rows = tokenize_documents(
-        query_docs, tokenizer, seq_len, mode="document",
-        too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")
     check_run(cfg, len(train_rows))   # settings that depend on n, before any work on them
     cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
-    inputs = {"model": str(args.model.resolve()), "tokenizer": tokenizer_fingerprint(tokenizer),
-              "train": {"path": str(args.train.resolve()), "size": source["size"]},
-              "queries": rows_fingerprint(query_rows)}
     result, train_texts, query_texts = _attribute_and_write(
         model, tokenizer, train_rows, query_rows, cfg, args.out, overwrite=args.overwrite,
-        progress=not args.quiet, inputs=inputs, self_influence=args.self_influence)
+        progress=not args.quiet, self_influence=args.self_influence)
     print_attribution(result, train_texts, query_texts)
     print(f"\nscores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written to {args.out}")
     return 0
@@ -520,9 +522,6 @@ def cmd_export_smollm2(args) -> int:
 def cmd_report(args) -> int:
     """One self-contained HTML page per run (stride_jax.apps.report)."""
     from stride_jax.apps.report import write_report
-    from stride_jax.io.outdir import check_output_file
-    check_output_file(args.out if args.out is not None else args.run_dir / "report.html",
-                      example="report.html")
     print(write_report(args.run_dir, args.out, lds_results=args.lds, title=args.title,
                        max_queries=args.max_queries))
     return 0
@@ -531,9 +530,6 @@ def cmd_report(args) -> int:
 def cmd_select(args) -> int:
     """Top-k pool examples by aggregate influence on a run's queries (stride_jax.apps.select)."""
     from stride_jax.apps.select import select_run
-    from stride_jax.io.outdir import check_output_file
-    check_output_file(args.out if args.out is not None else args.run / "selected.jsonl",
-                      example="selected.jsonl")
     recs, path = select_run(args.run, args.k, how=args.aggregate, out=args.out)
     with_text = sum("text" in r for r in recs)
     print(f"selected {len(recs)} examples by {args.aggregate} aggregate -> {path} "

@@ -493,3 +493,254 @@ def test_evaluate_on_a_full_disk(groundtruth, tmp_path, monkeypatch, capsys):
     assert "the previous lds.json, if any, is intact" in err, err
     assert out.read_text() == "previous result\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lds.json", "scores.npy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output locations: checked before any work, stamped, locked, cleared by --overwrite
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def done_run(tiny, tmp_path_factory):
+    """A finished run whose training file is JSON Lines named train.json, with tokens.json."""
+    model_dir, data = tiny
+    root = tmp_path_factory.mktemp("done")
+    train = shutil.copy(data / "train.jsonl", root / "train.json")
+    args = _attribute(model_dir, train, data / "queries.jsonl", root / "run", ["token_queries=1"])
+    assert main(["-q", *args]) == 0
+    return root / "run", args
+
+
+def test_jsonl_named_json_is_read_as_jsonl(done_run):
+    run, _ = done_run
+    ids = json.loads((run / "ids.json").read_text())
+    assert ids["train"] == [f"d{i}" for i in range(120)]   # 120 documents, not text chunks
+    assert np.load(run / "scores.npy").shape == (3, 120)
+
+
+def _read_only(root: Path) -> None:
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode & ~0o222)
+
+
+def _writable(root: Path) -> None:
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+@pytest.mark.parametrize("command", ["attribute", "report", "select"])
+def test_read_only_completed_run_is_refused_before_any_work(done_run, tmp_path, capsys, command):
+    run, args = done_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    _read_only(copy)
+    try:
+        if command == "attribute":
+            argv = [*args[:args.index("--out") + 1], str(copy), *args[args.index("--out") + 2:]]
+        elif command == "report":
+            argv = ["report", str(copy)]
+        else:
+            argv = ["select", "--run", str(copy), "--k", "3"]
+        err = _fails(argv, capsys)
+    finally:
+        _writable(copy)
+    assert f"{copy} is read-only; make it writable (chmod -R u+w {copy}) or pass" in err, err
+
+
+OUT_CASES = {
+    "existing_file": (lambda t: _write(t / "run", "not a directory"),
+                      "run is a file, not a directory; pass a directory"),
+    "under_proc": (lambda t: Path("/proc/stride-jax-test/run"),
+                   "is under /proc, a file system of the kernel, not a disk; pass a path on disk"),
+    "read_only_directory": (lambda t: _read_only_dir(t) / "run",
+                            "ro is read-only; make it writable"),
+    "under_a_file": (lambda t: _write(t / "afile", "x") / "run",
+                     "afile is a file, so nothing can be created under it"),
+}
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+@pytest.mark.parametrize("case", list(OUT_CASES))
+def test_output_directory_refused_before_any_work(tiny, tmp_path, capsys, case):
+    model_dir, data = tiny
+    make, phrase = OUT_CASES[case]
+    out = make(tmp_path)
+    try:
+        err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", out, []),
+                     capsys)
+        assert f"--out {out}" in err and phrase in err, err
+        err = _fails(["pretrain", "--out", str(out)], capsys)
+        assert phrase in err, err
+    finally:
+        if case == "read_only_directory":
+            (tmp_path / "ro").chmod(0o755)
+
+
+def test_empty_output_path_is_one_line(tiny, capsys):
+    model_dir, data = tiny
+    with pytest.raises(SystemExit) as e:
+        main(["-q", *_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", "", [])])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "stride-jax attribute: error: argument --out: an empty path" in err, err
+
+
+def test_file_outputs_given_a_directory(done_run, groundtruth, tmp_path, capsys):
+    run, _ = done_run
+    err = _fails(["select", "--run", str(run), "--k", "3", "--out", str(tmp_path)], capsys)
+    assert f"--out {tmp_path} is a directory; pass a file name, e.g. " in err, err
+    gt, w = groundtruth
+    save_npy(tmp_path / "scores.npy", w.astype(np.float32))
+    err = _fails(["evaluate", "--scores", str(tmp_path / "scores.npy"), "--groundtruth", str(gt),
+                  "--json", str(tmp_path)], capsys)
+    assert f"--json {tmp_path} is a directory; pass a file name, e.g. {tmp_path / 'lds.json'}" \
+        in err, err
+
+
+def test_overwrite_with_new_data_leaves_no_stale_output(done_run, tmp_path, capsys):
+    """--overwrite clears every output of the earlier run: a tokens.json, a report or a selection
+    the new run does not write must not survive next to its new scores."""
+    run, args = done_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["-q", "report", str(copy)]) == 0
+    assert main(["-q", "select", "--run", str(copy), "--k", "3"]) == 0
+    capsys.readouterr()
+    half = _lines(Path(args[args.index("--train") + 1]), tmp_path / "half.jsonl", 60)
+    at = args.index("--train")
+    new = [*args[:at + 1], str(half), *args[at + 2:]]
+    new[new.index("--out") + 1] = str(copy)
+    new[new.index("token_queries=1")] = "token_queries=0"
+    err = _fails(new, capsys)   # another training set: refused, nothing removed
+    assert "holds outputs made with other arguments or inputs" in err, err
+    assert "config.token_queries: 1 -> 0" in err and "train.size:" in err, err
+    assert "--overwrite to replace them" in err, err
+    assert (copy / "tokens.json").is_file() and (copy / "report.html").is_file()
+    assert main(["-q", *new, "--overwrite"]) == 0
+    names = {p.name for p in copy.iterdir()}
+    for stale in ("tokens.json", "report.html", "selected.jsonl"):
+        assert stale not in names, names
+    assert json.loads((copy / "ids.json").read_text())["train"] == [f"d{i}" for i in range(60)]
+    assert len(list((copy / "responses").iterdir())) == 1
+    assert len(list((copy / "solve").iterdir())) == 1
+    assert json.loads((copy / "run.json").read_text())["complete"] is True
+
+
+def test_second_process_on_one_out_meets_the_lock(tiny, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from stride_jax.io.outdir import "
+         "lock_output_dir\nwith lock_output_dir(sys.argv[1], 'attribute'):\n"
+         "    print('locked', flush=True); time.sleep(600)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", out, []),
+                     capsys)
+        assert f"{out} is in use by another stride-jax process (pid {holder.pid} on " in err, err
+        assert "wait for it to finish, or pass another --out" in err, err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The killed holder's lock file stays behind; the next process takes it over.
+    from stride_jax.io.outdir import LOCK_FILE, lock_output_dir
+    assert (out / LOCK_FILE).is_file()
+    t0 = time.perf_counter()
+    with lock_output_dir(out, "attribute"):
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == __import__("os").getpid()
+    assert time.perf_counter() - t0 < 5 and not (out / LOCK_FILE).exists()
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tiny, tmp_path, capsys, monkeypatch):
+    from stride_jax.train._checkpoint import OperatorCheckpointer
+    model_dir, data = tiny
+    save = OperatorCheckpointer.save
+
+    def save_then_interrupt(self, step, state):
+        save(self, step, state)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(OperatorCheckpointer, "save", save_then_interrupt)
+    args = _attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", tmp_path / "run",
+                      ["train.subsets_per_step=10", "train.checkpoint_every=1", "train.epochs=2"])
+    assert main(["-q", *args]) == 130
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == ("stride-jax attribute: interrupted at operator training step 2 of 6; a "
+                        "rerun resumes from step 2, its last checkpoint; rerun the same command "
+                        "to resume (finished stages and checkpoints are kept)"), err
+    monkeypatch.setattr(OperatorCheckpointer, "save", save)
+    assert main(["-q", *args]) == 0
+    history = json.loads((tmp_path / "run" / "operators" / "history.json").read_text())
+    assert [p["step"] for p in history][0] >= 2   # resumed, not restarted
+
+
+def test_pretrain_over_an_existing_model(tiny, tmp_path, capsys):
+    """Refused without --overwrite; with it, every file of the old model goes (a stale shard or
+    the demo's old fingerprint would otherwise be read as part of the new model)."""
+    from stride_jax.recipes.pretrain import finished_pretrain as reusable_model
+    from stride_jax.config import dump_config
+    model = _model_copy(tiny[0], tmp_path)
+    stale = [_write(model / "recipe.fingerprint", "0" * 64 + "\n"),
+             _write(model / "model-00002-of-00002.safetensors", b"stale shard")]
+    cfg = tmp_path / "tiny.yaml"
+    dump_config(TINY, cfg)
+    err = _fails(["pretrain", "--config", str(cfg), "--out", str(model), "seed=1"], capsys)
+    assert f"{model} holds outputs made with other arguments or inputs (recipe.seed: 0 -> 1)" \
+        in err, err
+    assert reusable_model(model, TINY) and not reusable_model(model, _seed(TINY, 1))
+    assert main(["-q", "pretrain", "--config", str(cfg), "--out", str(model), "seed=1",
+                 "--overwrite"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert reusable_model(model, _seed(TINY, 1)) and not reusable_model(model, TINY)
+    (model / "model.safetensors").unlink()   # a model that is no longer there is never reused
+    assert not reusable_model(model, _seed(TINY, 1))
+
+
+def _seed(cfg, seed: int):
+    import dataclasses
+    return dataclasses.replace(cfg, seed=seed)
+
+
+@pytest.mark.parametrize("setting, phrase", [
+    ("optim.epochs=-1", "optim.epochs=-1.0 must be > 0; a model trained for no step is the "
+                        "random initialisation"),
+    ("optim.epochs=0", "optim.epochs=0.0 must be > 0"),
+    ("corpus.seq_len=0", "corpus.seq_len=0 must be >= 2"),
+    ("optim.b2=1.5", "optim.b2=1.5 must lie in [0, 1)"),
+    ("arch.num_kv_heads=3", "arch.num_heads=4 is not a multiple of num_kv_heads=3"),
+])
+def test_pretrain_refuses_nonsense_settings(tmp_path, capsys, setting, phrase):
+    err = _fails(["pretrain", "--out", str(tmp_path / "m"), setting], capsys)
+    assert phrase in err, err
+    assert not (tmp_path / "m").exists()   # refused before any work
+
+
+def test_three_training_documents_with_the_automatic_design(tiny, tmp_path, capsys):
+    """n=3 with K and d left to their defaults: the automatic design adapts (no "lower K or
+    raise d" for settings the user never made), and the scores are finite."""
+    model_dir, data = tiny
+    train = _lines(data / "train.jsonl", tmp_path / "three.jsonl", 3)
+    out = tmp_path / "run"
+    assert main(["-q", "attribute", "--model", str(model_dir), "--train", str(train),
+                 "--queries", str(data / "queries.jsonl"), "--out", str(out),
+                 "train.epochs=1", "token_queries=0"]) == 0
+    scores = np.load(out / "scores.npy")
+    assert scores.shape == (3, 3) and np.isfinite(scores).all()
+    design = np.load(out / "design" / "design.npz")
+    assert int(design["shape"][0]) == 80 and np.bincount(design["rows"], minlength=80).min() >= 1

@@ -408,6 +408,19 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *,
                           sample, out)
 
 
+def finished_pretrain(out_dir: str | Path, cfg: PretrainConfig) -> bool:
+    """Whether ``out_dir`` holds the finished model of recipe ``cfg`` (its ``run.json`` says so
+    and the model's files are all there), so it can be loaded instead of retrained."""
+    from stride_jax.io.outdir import read_run_stamp
+    from stride_jax.io.stamps import canonical_payload
+    out = Path(out_dir)
+    stamp = read_run_stamp(out) or {}
+    return (stamp.get("stage") == "pretrain" and bool(stamp.get("complete"))
+            and stamp.get("payload") == canonical_payload({"recipe": to_dict(cfg)})
+            and all((out / f).is_file() for f in ("config.json", "model.safetensors",
+                                                  "tokenizer.json", "history.json")))
+
+
 def format_loss_curve(history: list[dict[str, float]], width: int = 40) -> str:
     """A plain-text loss curve: one line per logged step with a bar proportional to the loss."""
     if not history:
