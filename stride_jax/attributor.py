@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -180,8 +181,15 @@ class AttributeConfig:
         K = self.design.num_subsets
         check_ranges(self, {"seed": SEED_RANGE, "topk": ">= 1", "token_queries": ">= 0"},
                      fixes={"token_queries": "0 writes no tokens.json"},
-                     extra=_size_problems(self, "scores_memory_limit") +
-                     ([] if K is None else _subset_problems(self, K, None)))
+                     extra=_size_problems(self, "scores_memory_limit") + _solve_problems(self.solve)
+                     + ([] if K is None else _subset_problems(self, K, None)))
+
+
+def _solve_problems(solve: SolveConfig) -> list[tuple[str, Any, str]]:
+    """Float settings of the solve that its own checks let through when infinite."""
+    return [(f"solve.{name}", getattr(solve, name), "must be a finite number")
+            for name in ("tol", "min_ratio", "ridge_ratio_min", "ridge_ratio_max", "lam")
+            if getattr(solve, name) is not None and not math.isfinite(getattr(solve, name))]
 
 
 def _uses_cv(solve: SolveConfig) -> bool:

@@ -429,9 +429,11 @@ def _load_scores(path: Path):
         scores = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{path} is not a .npy array of scores ({e}); {hint}") from None
-    if not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)):
-        raise ValueError(f"{path} holds {scores.dtype.name} values (dtype {scores.dtype.str}), "
-                         f"not numbers; {hint}")
+    if scores.dtype.kind not in "fiu":
+        what = {"U": "text", "S": "bytes", "b": "booleans", "c": "complex numbers",
+                "M": "dates", "m": "time spans"}.get(scores.dtype.kind, "records")
+        raise ValueError(f"{path} holds {what} (dtype {scores.dtype.str}), not real-valued "
+                         f"scores; {hint}")
     bad = int(np.size(scores) - np.count_nonzero(np.isfinite(scores)))
     if bad:
         raise ValueError(f"{path} holds {bad} NaN/inf score(s) of {scores.size}; the scores are "

@@ -137,6 +137,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer:
             f"directory containing one"
         )
     try:
+        with open(file, "rb") as f:
+            bom = f.read(3) == b"\xef\xbb\xbf"
+        if bom:   # a byte order mark (an editor's): the JSON after it is fine
+            return tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8-sig"))
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
         raise ValueError(

@@ -569,15 +569,18 @@ def _read_only_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("case", list(OUT_CASES))
 def test_output_directory_refused_before_any_work(tiny, tmp_path, capsys, case):
+    """Every command that writes a directory checks it first, with the same message."""
     model_dir, data = tiny
     make, phrase = OUT_CASES[case]
     out = make(tmp_path)
+    commands = [_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", out, []),
+                ["pretrain", "--out", str(out)], ["demo", "--out", str(out)],
+                ["groundtruth", "--out", str(out)], ["score", "--method", "bm25", "--out", str(out)],
+                ["contamination", "--out", str(out)], ["export-smollm2", "--out", str(out)]]
     try:
-        err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", out, []),
-                     capsys)
-        assert f"--out {out}" in err and phrase in err, err
-        err = _fails(["pretrain", "--out", str(out)], capsys)
-        assert phrase in err, err
+        for argv in commands:
+            err = _fails(argv, capsys)
+            assert f"--out {out}" in err and phrase in err, err
     finally:
         if case == "read_only_directory":
             (tmp_path / "ro").chmod(0o755)
@@ -744,3 +747,101 @@ def test_three_training_documents_with_the_automatic_design(tiny, tmp_path, caps
     assert scores.shape == (3, 3) and np.isfinite(scores).all()
     design = np.load(out / "design" / "design.npz")
     assert int(design["shape"][0]) == 80 and np.bincount(design["rows"], minlength=80).min() >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN never reaches a file; misleading inputs get the right message
+# ---------------------------------------------------------------------------------------------
+
+def test_nan_is_refused_by_every_writer(tmp_path):
+    from stride_jax.attributor import Attribution
+    from stride_jax.io.atomic import write_json
+    with pytest.raises(FloatingPointError, match=r"refusing to write .*a.npy: 1 of its 3 values "
+                                                 r"\(first at index \(1,\)\) is NaN or infinite"):
+        save_npy(tmp_path / "a.npy", np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(FloatingPointError, match=r"b.json: the value at x.1 is NaN or infinite"):
+        write_json(tmp_path / "b.json", {"x": [1.0, float("inf")]})
+    scores = np.array([[0.1, np.nan]], np.float32)
+    result = Attribution(scores, ["q"], ["a", "b"], np.zeros((1, 4)), np.ones(1), np.ones(1),
+                         np.zeros(1))
+    with pytest.raises(FloatingPointError, match="1 scores value\\(s\\) are NaN or infinite "
+                                                 "\\(first: query 'q'\\)"):
+        result.write(tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []   # nothing at all was written
+
+
+def test_one_training_row_is_refused_by_the_python_api():
+    from stride_jax.attributor import AttributeConfig, Attributor
+    from stride_jax.config import ConfigError
+    from stride_jax.model.config import tiny_llama
+    from stride_jax.model.transformer import init_model
+    from _tiny import random_rows
+    model = init_model(tiny_llama(vocab_size=64, hidden_size=16, num_heads=2, num_kv_heads=1,
+                                  head_dim=8, intermediate_size=32, num_layers=2), seed=0)
+    with pytest.raises(ConfigError, match="needs at least 2 training rows"):
+        Attributor(model, random_rows(1, 8, 64, 0), AttributeConfig(), progress=False)
+
+
+def test_byte_order_marks_are_accepted(tiny, tmp_path):
+    from stride_jax.attributor import AttributeConfig
+    from stride_jax.config import load_config
+    from stride_jax.tokenizer import tokenizer_fingerprint
+    model = _model_copy(tiny[0], tmp_path)
+    for name in ("config.json", "tokenizer.json"):
+        _write(model / name, b"\xef\xbb\xbf" + (model / name).read_bytes())
+    assert from_hf(model).config.vocab_size == 300
+    assert tokenizer_fingerprint(load_tokenizer(model)) == \
+        tokenizer_fingerprint(load_tokenizer(tiny[0]))
+    cfg = _write(tmp_path / "c.yaml", b"\xef\xbb\xbfseed: 3\n")
+    assert load_config(AttributeConfig, cfg).seed == 3
+
+
+def test_tokenizer_tie_forced_and_unverifiable(tiny, tmp_path, caplog):
+    from stride_jax.tokenizer import check_model_tokenizer
+    model = _model_copy(tiny[0], tmp_path)
+    other = load_tokenizer(_foreign_tokenizer(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="stride_jax.tokenizer"):
+        check_model_tokenizer(other, model, source="other", force=True)
+    assert "is not the one the model was trained with" in caplog.text
+    assert "using it anyway (--force-tokenizer)" in caplog.text
+    # Without its tokenizer.json, the fingerprint stored with the model still tells.
+    (model / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"stride_jax.json\); a model only understands"):
+        check_model_tokenizer(other, model, source="other")
+    check_model_tokenizer(load_tokenizer(tiny[0]), model, source="own")   # its own passes
+    (model / "stride_jax.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stride_jax.tokenizer"):
+        check_model_tokenizer(other, model, source="other")
+    assert "cannot check that the tokenizer other belongs to the model" in caplog.text
+
+
+def test_implausible_base_loss_is_warned():
+    from stride_jax.measure import implausible_base_loss
+    v = 2048
+    assert implausible_base_loss(np.array([5.31, 5.2]), v) is None    # a trained model
+    msg = implausible_base_loss(np.array([7.18, 7.2]), v)             # another tokenizer
+    assert msg.startswith("the base model's mean loss on the queries is 7.19 nats per token, "
+                          "close to ln(V) = 7.62"), msg
+    assert "Check that the tokenizer is the model's own" in msg
+    assert "above ln(V)" in implausible_base_loss(np.array([9.0]), v)
+
+
+@pytest.mark.parametrize("case,phrase", [
+    ("strings", "holds text (dtype <U3), not real-valued scores; pass the scores.npy"),
+    ("nan", "holds 1 NaN/inf score(s) of 12"),
+    ("directory", "is a directory; pass the scores.npy file in it"),
+])
+def test_evaluate_scores_that_are_not_numbers(groundtruth, tmp_path, capsys, case, phrase):
+    gt, w = groundtruth
+    scores = tmp_path / "scores.npy"
+    if case == "strings":
+        np.save(scores, np.full((2, 6), "abc"))
+    elif case == "nan":
+        bad = w.copy()
+        bad[1, 2] = np.nan
+        np.save(scores, bad)
+    else:
+        scores = tmp_path
+    err = _fails(["evaluate", "--scores", str(scores), "--groundtruth", str(gt)], capsys)
+    assert phrase in err, err
