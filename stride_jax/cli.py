@@ -35,6 +35,29 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _at_least(minimum: int):
+    """An integer argument of at least ``minimum`` (argparse type)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive count or fraction")
+    return value
+
+
 def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace {what} made with other arguments (every output of the earlier "
@@ -582,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if a matching model exists")
     p.add_argument("--config", type=_path, default=None, help="pretraining config (YAML)")
     p.add_argument("--attribute-config", type=_path, default=None, help="attribution config (YAML)")
-    p.add_argument("--queries", type=int, default=8, help="held-out rows to attribute")
+    p.add_argument("--queries", type=_at_least(1), default=8, help="held-out rows to attribute")
     p.add_argument("--overwrite", action="store_true",
                    help="replace attribution artifacts made with other arguments")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -641,17 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Linear Datamodeling Score of a scores file")
     p.add_argument("--scores", type=_path, required=True, help="scores.npy [queries, train]")
     p.add_argument("--groundtruth", type=_path, required=True, help="ground-truth directory")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000, help="bootstrap resamples for the CI")
     p.add_argument("--json", type=_path, default=None, help="also write the result as JSON")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("counterfactual", help="retrain without each query's top-k examples "
                                               "and without k random ones")
     p.add_argument("--scores", type=_path, required=True, help="scores.npy of the task's queries")
-    p.add_argument("--k", type=float, default=0.05,
+    p.add_argument("--k", type=_positive_number, default=0.05,
                    help="examples removed: a count (>= 1) or a fraction of n (< 1)")
-    p.add_argument("--queries", type=int, default=20, help="first queries evaluated")
-    p.add_argument("--random", type=int, default=4, help="random removals to average")
+    p.add_argument("--queries", type=_at_least(1), default=20, help="first queries evaluated")
+    p.add_argument("--random", type=_at_least(1), default=4, help="random removals to average")
     p.add_argument("--json", type=_path, default=None, help="also write the summary as JSON")
     _add_config_args(p)
     p.set_defaults(func=cmd_counterfactual)
@@ -671,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lds", type=_path, default=None,
                    help="LDS benchmark results (e.g. benchmarks/results/lds.json) for an "
                         "LDS-vs-wall-time plot")
-    p.add_argument("--max-queries", type=int, default=None, help="show only the first N queries")
+    p.add_argument("--max-queries", type=_at_least(1), default=None, help="show only the first N queries")
     p.add_argument("--title", default=None, help="page title")
     p.set_defaults(func=cmd_report)
 

@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from stride_jax.io.atomic import atomic_write_text, is_writer
-from stride_jax.io.stamps import StaleArtifactError, canonical_payload, describe_changes
+from stride_jax.io.stamps import LOCK_FILE, StaleArtifactError, canonical_payload, describe_changes
 
 __all__ = ["LOCK_FILE", "RUN_STAMP", "OutputLockedError", "OutputPathError", "check_output_dir",
            "check_output_file", "complete_output_dir", "lock_output_dir", "open_output_dir",
            "read_run_stamp"]
 
 RUN_STAMP = "run.json"
-LOCK_FILE = ".stride-jax.lock"
 
 
 class OutputPathError(ValueError):

@@ -19,6 +19,9 @@ import numpy as np
 from stride_jax.io.atomic import atomic_write_text, is_writer
 
 STAMP = "stamp.json"
+# The lock of the command using a directory (stride_jax.io.outdir); replacing a stage that is
+# itself an output directory (the ground truth's) must not remove it from under its holder.
+LOCK_FILE = ".stride-jax.lock"
 
 
 class StaleArtifactError(ValueError):
@@ -64,7 +67,13 @@ def open_stage(directory: str | Path, stage: str, payload: Mapping[str, Any], *,
                 f"inputs ({describe_changes(old.get('payload', {}), payload)}); use another "
                 f"output directory, or --overwrite to replace it")
         if is_writer():
-            shutil.rmtree(directory)
+            for entry in directory.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"stage": stage, "payload": payload, "complete": False},
                                        indent=1))
