@@ -93,13 +93,11 @@ def _print_pretrain_summary(result, seconds: float) -> None:
         print(f"model saved to {result.out_dir} ({seconds:.0f} s)")
 
 
-def _claim(args, directory: Path | None = None) -> Path:
+def _claim(args) -> None:
     """Check the output directory (``--out``) before any work and hold its lock until the
     command ends (:mod:`stride_jax.io.outdir`)."""
     from stride_jax.io.outdir import check_output_dir, lock_output_dir
-    directory = check_output_dir(args.out if directory is None else directory)
-    args.cleanup.enter_context(lock_output_dir(directory, args.command))
-    return directory
+    args.cleanup.enter_context(lock_output_dir(check_output_dir(args.out), args.command))
 
 
 def cmd_pretrain(args) -> int:

@@ -845,3 +845,16 @@ def test_evaluate_scores_that_are_not_numbers(groundtruth, tmp_path, capsys, cas
         scores = tmp_path
     err = _fails(["evaluate", "--scores", str(scores), "--groundtruth", str(gt)], capsys)
     assert phrase in err, err
+
+
+def test_overwrite_never_removes_another_commands_outputs(tiny, tmp_path, capsys):
+    """`attribute --out` naming the model directory, even with --overwrite, must not delete the
+    model it reads."""
+    model_dir, data = tiny
+    model = _model_copy(model_dir, tmp_path)
+    before = sorted(p.name for p in model.iterdir())
+    err = _fails(_attribute(model, data / "train.jsonl", data / "queries.jsonl", model,
+                            ["--overwrite"]), capsys)
+    assert (f"{model} holds the outputs of `stride-jax pretrain`; pass another --out "
+            f"(--overwrite only replaces outputs of `stride-jax attribute`)") in err, err
+    assert sorted(p.name for p in model.iterdir()) == before

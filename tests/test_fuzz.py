@@ -39,7 +39,8 @@ BASE = ["design.per_example=2", "train.epochs=1", "train.subsets_per_step=8",
 
 IN_RANGE = ["seed=3", "topk=2", "train.learning_rate=0.05", "token_queries=0",
             "solve.estimator=lasso", "measure.query_batch=1", "data.seq_len=24",
-            "steering.site=final_hidden", "scores=topk"]
+            "steering.site=final_hidden", "steering.site=residual", "scores=topk",
+            "design.kind=bernoulli", "cache.dtype=bfloat16", "solve.lam=0.01"]
 OUT_OF_RANGE = ["train.epochs=0", "train.epochs=-2", "data.seq_len=1", "data.seq_len=999",
                 "token_queries=-1", "seed=-1", "seed=4294967296", "train.learning_rate=.nan",
                 "train.learning_rate=.inf", "solve.cv_folds=9", "design.per_example=0",
@@ -56,8 +57,16 @@ ODD = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)),
 @st.composite
 def documents(draw, *, queries: bool = False):
     """``(bytes, kind, ids)``: kind "clean" (valid JSON Lines whose documents fit), "jsonl"
-    (maybe faulty), "text" or "bytes"; ids are the documents' ids when clean."""
-    kind = draw(st.sampled_from(["clean", "clean", "jsonl", "text", "bytes"]))
+    (maybe faulty), "text", "bytes" or "dir" (bytes: a JSON object of file name -> text, for a
+    directory); ids are the documents' ids when clean."""
+    kind = draw(st.sampled_from(["clean", "clean", "jsonl", "text", "bytes"]
+                                + ([] if queries else ["dir"])))
+    if kind == "dir":
+        names = draw(st.lists(st.sampled_from(["a.txt", "b.txt", "sub/c.txt", "notes.md",
+                                                ".hidden", "part.jsonl", "d.TXT"]),
+                              min_size=1, max_size=4, unique=True))
+        files = {n: draw(st.one_of(SHORT, ODD, st.just('{"id": "x", "text": "y"}'))) for n in names}
+        return json.dumps(files).encode(), kind, None
     if kind == "bytes":
         raw = draw(st.one_of(st.binary(min_size=1, max_size=64),
                              ODD.map(lambda t: (t or "x").encode("utf-16")),
@@ -172,7 +181,12 @@ def test_attribute_ends_in_finite_outputs_or_one_line(fuzz_model, capsys, train,
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         train_path = d / f"train{ext}"
-        train_path.write_bytes(raw)
+        if kind == "dir":
+            for name, text in json.loads(raw).items():
+                (train_path / name).parent.mkdir(parents=True, exist_ok=True)
+                (train_path / name).write_text(text, encoding="utf-8")
+        else:
+            train_path.write_bytes(raw)
         query_ids = ["q0", "q1"]
         query_path = good_queries
         if queries is not None:

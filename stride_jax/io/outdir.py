@@ -7,13 +7,14 @@ Every ``stride-jax`` command that writes goes through this module, so all of the
   reverse), a read-only directory (no write permission bits, or a read-only file system), or a
   path under ``/proc``, ``/sys`` or ``/dev`` (kernel file systems; ``/dev/shm`` is fine).
 * :func:`open_output_dir` stamps a command's output directory with ``run.json``:
-  ``{"stage": command, "payload": what the outputs depend on, "complete": ..., "artifacts":
-  [...]}``. A rerun with the same command and payload keeps everything (it resumes; stage
+  ``{"stage": command, "payload": what the outputs depend on, "complete": ...}``. A rerun with the same command and payload keeps everything (it resumes; stage
   directories check their own stamps, :mod:`stride_jax.io.stamps`). Anything else is refused,
   naming what differs, unless ``overwrite``; then every artifact of the earlier run is removed
   first, so no output of the earlier run survives next to the new ones (a report, a
   ``tokens.json`` the new run does not write, stale stage directories), except the stage
-  directories the command keeps because they carry their own stamps.
+  directories the command keeps because they carry their own stamps. Another command's outputs
+  are refused even with ``overwrite``: they may be this command's inputs (``attribute --out``
+  naming the model directory must not delete the model).
 * :func:`lock_output_dir` holds an exclusive lock on the directory for the whole command: a
   second process on the same ``--out`` stops at once, naming the holder's pid. The lock is an
   ``flock`` on ``.stride-jax.lock`` (holding the pid and the command), which the kernel releases
@@ -182,36 +183,34 @@ def open_output_dir(directory: str | os.PathLike[str], command: str, payload: Ma
     old = read_run_stamp(directory) if directory.is_dir() else None
     if old is not None and old.get("stage") == command and old.get("payload") == payload:
         return bool(old.get("complete"))
-    ours = list(artifacts)
-    if old is not None:   # the earlier run's own list: another command's outputs go too
-        ours += [a for a in old.get("artifacts", []) if isinstance(a, str) and a not in ours]
-    present = _present(directory, ours) if directory.is_dir() else []
+    if old is not None and old.get("stage") != command:
+        # Never replaced, not even with overwrite: they may be this command's inputs (a model).
+        raise StaleArtifactError(
+            f"{directory} holds the outputs of `stride-jax {old.get('stage')}`; pass another "
+            f"{flag} (--overwrite only replaces outputs of `stride-jax {command}`)")
+    present = _present(directory, artifacts) if directory.is_dir() else []
     if old is not None or present:
         if not overwrite:
             if old is None:
                 what = (f"holds outputs of an earlier run ({_names(directory, present)}) without "
                         f"a {RUN_STAMP} saying what made them")
-            elif old.get("stage") != command:
-                what = f"holds the outputs of `stride-jax {old.get('stage')}`"
             else:
                 what = (f"holds outputs made with other arguments or inputs "
                         f"({describe_changes(old.get('payload', {}), payload)})")
             raise StaleArtifactError(f"{directory} {what}; pass another {flag}, or --overwrite to "
                                      f"replace them")
-        kept = set(keep) if old is not None and old.get("stage") == command else set()
+        kept = set(keep) if old is not None else set()
         if is_writer():
-            _remove(_present(directory, [a for a in ours if a not in kept]))
+            _remove(_present(directory, [a for a in artifacts if a not in kept]))
             with contextlib.suppress(FileNotFoundError):
                 (directory / RUN_STAMP).unlink()
-    _write_stamp(directory, command, payload, artifacts, complete=False)
+    _write_stamp(directory, command, payload, complete=False)
     return False
 
 
-def _write_stamp(directory: Path, command: str, payload: Any, artifacts: Sequence[str], *,
-                 complete: bool) -> None:
+def _write_stamp(directory: Path, command: str, payload: Any, *, complete: bool) -> None:
     atomic_write_text(directory / RUN_STAMP, json.dumps(
-        {"stage": command, "payload": payload, "complete": complete,
-         "artifacts": list(artifacts)}, indent=1) + "\n")
+        {"stage": command, "payload": payload, "complete": complete}, indent=1) + "\n")
 
 
 def complete_output_dir(directory: str | os.PathLike[str]) -> None:
@@ -219,8 +218,7 @@ def complete_output_dir(directory: str | os.PathLike[str]) -> None:
     directory = Path(directory)
     stamp = read_run_stamp(directory)
     if stamp is not None:
-        _write_stamp(directory, stamp["stage"], stamp["payload"], stamp.get("artifacts", []),
-                     complete=True)
+        _write_stamp(directory, stamp["stage"], stamp["payload"], complete=True)
 
 
 # --------------------------------------------------------------------------------------------
