@@ -529,6 +529,9 @@ def load_config(
     data: Any = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory, not a config file; pass a YAML file such "
+                              f"as configs/attribute_default.yaml (CLI: --config)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}; check the path (CLI: --config)")
         try:

@@ -858,3 +858,22 @@ def test_overwrite_never_removes_another_commands_outputs(tiny, tmp_path, capsys
     assert (f"{model} holds the outputs of `stride-jax pretrain`; pass another --out "
             f"(--overwrite only replaces outputs of `stride-jax attribute`)") in err, err
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_a_file_where_a_directory_is_expected_and_back(groundtruth, tmp_path, capsys):
+    gt, w = groundtruth
+    a_file = _write(tmp_path / "notes.json", "{}")
+    save_npy(tmp_path / "scores.npy", w.astype(np.float32))
+    cases = [
+        (["evaluate", "--scores", str(tmp_path / "scores.npy"), "--groundtruth", str(a_file)],
+         "notes.json is a file, not a ground-truth directory; pass the --out directory of "
+         "`stride-jax groundtruth`"),
+        (["select", "--run", str(a_file), "--k", "1"],
+         "notes.json is a file, not a run directory; pass the --out directory of"),
+        (["report", str(a_file)], "notes.json is a file, not a run directory"),
+        (["groundtruth", "--out", str(tmp_path / "gt"), "--config", str(tmp_path)],
+         f"{tmp_path} is a directory, not a config file; pass a YAML file"),
+    ]
+    for argv, phrase in cases:
+        err = _fails(argv, capsys)
+        assert phrase in err, err

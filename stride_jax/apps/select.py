@@ -138,7 +138,8 @@ def load_run(run_dir) -> tuple[np.ndarray, list[str], list[str], dict[str, str]]
     from stride_jax.cli import _load_scores
     run = Path(run_dir)
     if not run.is_dir():
-        raise FileNotFoundError(f"run directory {run} does not exist; {_RUN_HINT}")
+        what = "is a file, not a run directory" if run.exists() else "does not exist"
+        raise FileNotFoundError(f"run directory {run} {what}; {_RUN_HINT}")
     if not (run / "scores.npy").is_file():
         raise FileNotFoundError(f"{run} has no scores.npy; {_RUN_HINT}")
     scores = _load_scores(run / "scores.npy")

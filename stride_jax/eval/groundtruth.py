@@ -203,6 +203,9 @@ def run_groundtruth(retrain: RetrainFn, *, n: int, num_queries: int, cfg: Ground
 def load_groundtruth(directory: str | Path) -> GroundTruth:
     """A finished ground-truth directory (see the module docstring)."""
     d = Path(directory)
+    if d.is_file():
+        raise FileNotFoundError(f"{d} is a file, not a ground-truth directory; pass the --out "
+                                f"directory of `stride-jax groundtruth`")
     missing = [f for f in ("masks.npy", "losses.npy", "groundtruth.json") if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{d} is not a finished ground-truth directory (missing "
