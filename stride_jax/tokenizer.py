@@ -275,7 +275,7 @@ def check_model_tokenizer(tok: Any, model_dir: str | os.PathLike[str], *, source
         differ = sum(1 for t, i in a.items() if b.get(t) != i)
         detail = (f": {differ} of its {len(a)} tokens have another id or none in the model's "
                   f"{len(b)}" if differ else ": same vocabulary, other rules (merges, "
-                  f"normalisation or pre-tokenisation)")
+                  "normalisation or pre-tokenisation)")
     msg = f"the tokenizer {source} is not the one the model was trained with ({where}){detail}"
     if force:
         log.warning("%s; using it anyway (--force-tokenizer)", msg)

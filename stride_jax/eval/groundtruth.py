@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
-from stride_jax.io.atomic import atomic_write_text, load_npy, save_npy, write_json
+from stride_jax.io.atomic import load_npy, save_npy, write_json
 from stride_jax.io.stamps import complete_stage, open_stage
 
 log = logging.getLogger(__name__)

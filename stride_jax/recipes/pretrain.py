@@ -16,7 +16,6 @@ training rows, so everything that decides the trained weights lives here and is 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
