@@ -619,9 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", help="STRIDE attribution of queries to training examples")
     p.add_argument("--model", type=_path, required=True, help="HF model directory")
     p.add_argument("--train", type=_path, required=True,
-                   help="training data: .jsonl ({id, text} or {id, prompt, completion}), .txt or a "
+                   help="training data: JSON Lines ({id, text} or {id, prompt, completion}; "
+                        "recognised by content, whatever the file is called), a text file or a "
                         "directory of .txt files")
-    p.add_argument("--queries", type=_path, required=True, help="queries (.jsonl)")
+    p.add_argument("--queries", type=_path, required=True, help="queries (JSON Lines)")
     p.add_argument("--out", type=_path, required=True, help="run directory")
     p.add_argument("--tokenizer", type=_path, default=None,
                    help="tokenizer.json or its directory (default: the model directory's); it "
