@@ -50,7 +50,7 @@ from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
 from stride_jax.measure import (MeasureConfig, Responses, implausible_base_loss,
                                 measure_responses)
 from stride_jax.model.transformer import CausalLM
-from stride_jax.parallel import (ParallelConfig, initialize, is_writer, make_mesh,
+from stride_jax.parallel import (ParallelConfig, indivisible, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
                                  to_host)
 from stride_jax.solve import SolveConfig, solve
@@ -214,9 +214,7 @@ def _subset_problems(cfg: AttributeConfig, K: int, n: int | None) -> list[tuple[
                            ("train.subsets_per_step", min(cfg.train.subsets_per_step, K)),
                            ("measure.subset_chunk", min(cfg.measure.subset_chunk, K))):
             if value % devices:
-                out.append((key, value, f"is not a multiple of parallel.devices={devices}: the "
-                                        f"subset axis is split evenly over the devices (K={K}, "
-                                        f"{how})"))
+                out.append((key, value, f"{indivisible(devices, value)} (K={K}: {how})"))
     return out
 
 

@@ -101,6 +101,13 @@ class ParallelConfig:
                             "solver_devices": "0 uses all local devices"}, extra=extra)
 
 
+def indivisible(devices: int, value: int) -> str:
+    """What to say of a size of the subset axis (``value``) that ``devices`` do not divide."""
+    return (f"not divisible by the {devices} devices of parallel.devices: the subset axis is "
+            f"split evenly over devices; use a multiple of {devices} (e.g. "
+            f"{devices * max(1, value // devices)}) or change parallel.devices")
+
+
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     if v is None or v == "":
@@ -170,11 +177,7 @@ class SubsetMesh:
         bad = {k: v for k, v in sizes.items() if v % self.size}
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise ValueError(
-                f"{shown} not divisible by the {self.size} devices of parallel.devices: the "
-                f"subset axis is split evenly over devices; use a multiple of {self.size} "
-                f"(e.g. {self.size * max(1, min(bad.values()) // self.size)}) or change "
-                f"parallel.devices")
+            raise ValueError(f"{shown} {indivisible(self.size, min(bad.values()))}")
 
     def shard(self, x: Any) -> Any:
         """Place a pytree with its leading (subset) axis split over the devices."""
