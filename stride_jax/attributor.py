@@ -33,8 +33,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -42,13 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.config import dump_config, option, to_dict
+from stride_jax.config import (SEED_RANGE, ConfigError, ConfigValueError, check_ranges,
+                               dump_config, option, to_dict)
 from stride_jax.data import TokenizedSet
-from stride_jax.io.atomic import atomic_write_text, save_npy
+from stride_jax.io.atomic import atomic_write_text, json_text, save_npy, write_json
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
-from stride_jax.measure import MeasureConfig, Responses, measure_responses
+from stride_jax.measure import (MeasureConfig, Responses, implausible_base_loss,
+                                measure_responses)
 from stride_jax.model.transformer import CausalLM
-from stride_jax.parallel import (ParallelConfig, initialize, is_writer, make_mesh,
+from stride_jax.parallel import (ParallelConfig, indivisible, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
                                  to_host)
 from stride_jax.solve import SolveConfig, solve
@@ -59,6 +61,15 @@ from stride_jax.train import (ClosedFormConfig, OperatorFactors, OperatorTrainCo
                               token_scores, train_operators)
 
 log = logging.getLogger(__name__)
+
+# Everything a run directory may hold: the CLI's `attribute` writes the top-level files and
+# stamps the directory (stride_jax.io.outdir), `report` and `select` add report.html and
+# selected.jsonl. --overwrite removes all of it, except the stage directories that check their
+# own stamps (and so replace themselves when their arguments differ).
+RUN_ARTIFACTS = ("scores.npy", "scores_topk.npz", "topk.jsonl", "ids.json", "tokens.json",
+                 "selfinf.json", "report.html", "selected.jsonl", "attribute.yaml", "design",
+                 "operators", "responses", "solve", "selfinf", "tokens")
+SELF_STAMPED = ("design", "operators", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,21 +85,56 @@ class DesignConfig:
                                   "better, see configs/attribute_default.yaml)")
     alpha: float = option(0.3, "membership probability (bernoulli)")
 
+    def __post_init__(self) -> None:
+        extra = []
+        if (self.kind == "expander" and self.num_subsets is not None and self.num_subsets >= 1
+                and self.per_example > self.num_subsets):
+            extra.append(("per_example", self.per_example,
+                          f"cannot exceed the K={self.num_subsets} subsets of design.num_subsets "
+                          f"(each example goes into d of the K subsets); lower "
+                          f"design.per_example or raise design.num_subsets"))
+        check_ranges(self, {"num_subsets": ">= 1", "per_example": ">= 1", "alpha": "in (0, 1)"},
+                     fixes={"num_subsets": "or null: chosen from n and per_example"},
+                     extra=extra)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """How text files become rows (CLI only; the Python API takes tokenized rows)."""
 
     seq_len: int | None = option(None, "tokens per row; null: the model's context, at most 256")
+    format: Literal["auto", "jsonl", "text"] = option(
+        "auto", "how --train and --queries files are read: auto (JSON Lines when the first "
+                "non-blank line is a JSON object or the name ends in .jsonl, else plain text), "
+                "jsonl, or text (a file is one document; a directory, one per .txt file)")
     train_mode: Literal["auto", "chunk", "document"] = option(
         "auto", "chunk: cut documents into seq_len pieces; document: one row per document "
-                "(error if longer); auto: document for .jsonl, chunk otherwise")
+                "(error if longer); auto: document for JSON Lines, chunk for text")
     stream: Literal["auto", "on", "off"] = option(
         "auto", "on: read and tokenize the training data in chunks of documents into "
                 "memory-mapped files under <out>/tokens/train (reused while the data, tokenizer, "
                 "seq_len and mode are unchanged), for training sets larger than memory; off: in "
                 "memory; auto: on when the training file or directory exceeds stream_threshold")
     stream_threshold: str = option("1GiB", "training data size above which stream=auto streams")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"seq_len": ">= 2"},
+                     fixes={"seq_len": "a row needs a token and its successor; null uses the "
+                                       "model's context (at most 256)"},
+                     extra=_size_problems(self, "stream_threshold"))
+
+
+def _size_problems(cfg, *names: str) -> list[tuple[str, Any, str]]:
+    """Memory-size settings (``'4GiB'``) that do not parse."""
+    from stride_jax.parallel.memory import parse_bytes
+    out = []
+    for name in names:
+        try:
+            parse_bytes(getattr(cfg, name))
+        except ValueError:
+            out.append((name, getattr(cfg, name), "is not a size; write e.g. 24GiB, 8GB or "
+                                                  "512MiB"))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +149,9 @@ class CacheConfig:
     dtype: Literal["float32", "bfloat16"] = option(
         "float32", "bfloat16 halves the cache (changes results slightly; stamped)")
     memory_limit: str = option("4GiB", "largest cache kept in memory with location=auto")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {}, extra=_size_problems(self, "memory_limit"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +185,85 @@ class AttributeConfig:
     token_queries: int = option(16, "queries (the first ones) whose per-token attribution of "
                                     "their listed examples is written to tokens.json (CLI; 0: "
                                     "none)")
+
+    def __post_init__(self) -> None:
+        K = self.design.num_subsets
+        check_ranges(self, {"seed": SEED_RANGE, "topk": ">= 1", "token_queries": ">= 0"},
+                     fixes={"token_queries": "0 writes no tokens.json"},
+                     extra=_size_problems(self, "scores_memory_limit") + _solve_problems(self.solve)
+                     + ([] if K is None else _subset_problems(self, K, None)))
+
+
+def _solve_problems(solve: SolveConfig) -> list[tuple[str, Any, str]]:
+    """Float settings of the solve that its own checks let through when infinite."""
+    return [(f"solve.{name}", getattr(solve, name), "must be a finite number")
+            for name in ("tol", "min_ratio", "ridge_ratio_min", "ridge_ratio_max", "lam")
+            if getattr(solve, name) is not None and not math.isfinite(getattr(solve, name))]
+
+
+def _uses_cv(solve: SolveConfig) -> bool:
+    """Whether the solve cross-validates over folds of subsets (a penalty or estimator chosen)."""
+    return solve.lam is None and (solve.estimator == "ridge" or solve.lam_rule == "cv")
+
+
+def _subset_problems(cfg: AttributeConfig, K: int, n: int | None) -> list[tuple[str, Any, str]]:
+    """Settings that must agree with the number of subsets K (``n``: None when K was set, else
+    the number of training rows it was chosen for)."""
+    how = ("design.num_subsets" if n is None else
+           f"chosen for n={n} training rows and design.per_example={cfg.design.per_example}; "
+           f"design.num_subsets sets it")
+    out = []
+    if _uses_cv(cfg.solve) and cfg.solve.cv_folds > K:
+        out.append(("solve.cv_folds", cfg.solve.cv_folds,
+                    f"exceeds the K={K} subsets ({how}): cross-validation splits the subsets "
+                    f"into folds; set solve.cv_folds to at most {K}, use more subsets, or fix "
+                    f"the penalty with solve.lam"))
+    devices = cfg.parallel.devices
+    if devices > 1:
+        for key, value in (("design.num_subsets", K),
+                           ("train.subsets_per_step", min(cfg.train.subsets_per_step, K)),
+                           ("measure.subset_chunk", min(cfg.measure.subset_chunk, K))):
+            if value % devices:
+                out.append((key, value, f"{indivisible(devices, value)} (K={K}: {how})"))
+    return out
+
+
+def check_run(cfg: AttributeConfig, n: int) -> int:
+    """Check the settings that depend on the number of training rows ``n`` before any stage
+    runs, so a bad combination costs no training; returns K.
+
+    Raises :class:`ConfigError` naming the keys to set: fewer than 2 rows (a subset design needs
+    examples both in and out of each subset), a fixed K the memberships cannot fill, cross-
+    validation folds beyond K, a support target beyond n, and device counts that do not divide K.
+    """
+    if cfg.operators == "closed_form":
+        # No subsets: every training row gets its own closed-form score, even a single row.
+        if n < 1:
+            raise ConfigError("the training set is empty: nothing to attribute to")
+        return 0
+    if n < 2:
+        raise ConfigError(
+            f"{n} training row(s): attribution compares subsets with and without each example, so "
+            f"it needs at least 2 training rows; add training documents (or, for text cut into "
+            f"rows, lower data.seq_len)")
+    d = cfg.design
+    K = d.num_subsets if d.num_subsets is not None else default_num_subsets(n, d.per_example)
+    problems = _subset_problems(cfg, K, n if d.num_subsets is None else None)
+    if d.kind == "expander" and d.num_subsets is not None and n * d.per_example < K:
+        problems.append(("design.num_subsets", K, f"leaves subsets empty: n={n} rows in "
+                                                  f"design.per_example={d.per_example} subsets "
+                                                  f"each fill at most {n * d.per_example}; lower "
+                                                  f"design.num_subsets to at most "
+                                                  f"{n * d.per_example} (or null), or raise "
+                                                  f"design.per_example"))
+    s = cfg.solve
+    if s.lam is None and s.estimator != "ridge" and s.lam_rule == "support" and \
+            s.target_support > n:
+        problems.append(("solve.target_support", s.target_support,
+                         f"exceeds the n={n} training rows; lower it to at most {n}"))
+    if problems:
+        raise ConfigError(ConfigValueError("AttributeConfig", problems).format(""))
+    return K
 
 
 def rows_fingerprint(rows: TokenizedSet) -> str:
@@ -252,15 +380,22 @@ class Attribution(NamedTuple):
     def write(self, out_dir: str | Path, *, train_texts: Sequence[str] | None = None,
               query_texts: Sequence[str] | None = None, k: int = 10) -> Path:
         """``scores.npy`` (or ``scores_topk.npz`` when only the top scores were kept),
-        ``topk.jsonl`` (ids, scores, texts) and ``ids.json`` in ``out_dir``."""
+        ``topk.jsonl`` (ids, scores, texts) and ``ids.json`` in ``out_dir``.
+
+        Nothing is written when a score, base loss or penalty is NaN/inf (``FloatingPointError``).
+        """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.scores_qn is not None:
-            save_npy(out / "scores.npy", self.scores_qn.astype(np.float32))
-        else:
-            self.top_scores.save(out / "scores_topk.npz")
-        atomic_write_text(out / "ids.json", json.dumps({"queries": self.query_ids,
-                                                        "train": self.train_ids}) + "\n")
+        scores = self.scores_qn if self.scores_qn is not None else np.concatenate(
+            [self.top_scores.pro_score, self.top_scores.opp_score], axis=1)
+        for name, values in (("scores", scores), ("base_loss", self.base_loss_q),
+                             ("lambda", self.lam_q)):
+            bad = ~np.isfinite(np.asarray(values, np.float64))
+            if bad.any():
+                q = int(np.argwhere(bad)[0][0])
+                raise FloatingPointError(
+                    f"refusing to write the scores to {out}: {int(bad.sum())} {name} value(s) are "
+                    f"NaN or infinite (first: query {self.query_ids[q]!r}); nothing was written "
+                    f"(a computation upstream went wrong: rerun with -v for where)")
         lines = []
         for q, qid in enumerate(self.query_ids):
             pro, opp = self.top(q, k)
@@ -277,7 +412,13 @@ class Attribution(NamedTuple):
                                    "opponents": [entry(i, s) for i, s in opp]}
             if query_texts is not None:
                 rec["query_text"] = query_texts[q]
-            lines.append(json.dumps(rec, ensure_ascii=False))
+            lines.append(json_text(rec, what=str(out / "topk.jsonl"), ensure_ascii=False))
+        out.mkdir(parents=True, exist_ok=True)
+        if self.scores_qn is not None:
+            save_npy(out / "scores.npy", self.scores_qn.astype(np.float32))
+        else:
+            self.top_scores.save(out / "scores_topk.npz")
+        write_json(out / "ids.json", {"queries": self.query_ids, "train": self.train_ids})
         atomic_write_text(out / "topk.jsonl", "\n".join(lines) + "\n")
         return out
 
@@ -296,13 +437,8 @@ class Attributor:
     def __init__(self, model: CausalLM | LMFunctions, train: TokenizedSet,
                  config: AttributeConfig = AttributeConfig(), *, workdir: str | Path | None = None,
                  overwrite: bool = False, progress: bool = True):
-        if len(train) < 1:
-            raise ValueError("the training set is empty: nothing to attribute to")
         # Settings are checked before any stage runs, so a typo costs no cached work.
-        from stride_jax.steering._operators import validate as validate_steering
-        from stride_jax.train import validate as validate_train
-        validate_steering(config.steering)
-        validate_train(config.train)
+        check_run(config, len(train))
         if isinstance(model, CausalLM):
             layer = resolve_layer(config.steering, model.config.num_layers)
             self.lm = from_causal_lm(model, layer)
@@ -325,6 +461,12 @@ class Attributor:
         # Not part of any stamp: the device count changes float rounding only, so a run may be
         # resumed or reused on another number of devices.
         self.mesh = make_mesh(config.parallel)
+        if self.mesh is not None:
+            K = self.num_subsets
+            self.mesh.check_divides(**{
+                "design.num_subsets": K,
+                "train.subsets_per_step": min(config.train.subsets_per_step, K),
+                "measure.subset_chunk (or K when smaller)": min(config.measure.subset_chunk, K)})
         self.query_mesh = make_query_mesh(config.parallel)
         if self.mesh is not None and (config.parallel.model == "fsdp" or (
                 config.parallel.model == "auto" and not self.mesh.weights_fit(self.lm.params))):
@@ -332,11 +474,6 @@ class Attributor:
                 self.lm.params, config.parallel.fsdp_min_size))
         if config.scores not in ("auto", "dense", "topk"):
             raise ValueError(f"scores must be 'auto', 'dense' or 'topk', got {config.scores!r}")
-        if config.topk < 1:
-            raise ValueError(f"topk must be >= 1, got {config.topk}")
-        from stride_jax.parallel.memory import parse_bytes
-        parse_bytes(config.cache.memory_limit)
-        parse_bytes(config.scores_memory_limit)
         self._design: Design | None = None
         self._ops: Operators | None = None
         self.history: list[dict] = []
@@ -399,11 +536,15 @@ class Attributor:
                                                 overwrite=self.overwrite):
             self._design = Design.load(directory / "design.npz")
             return self._design
+        # An automatic K adapts to a small n: subsets the random draw leaves empty are filled
+        # (a set K is used as given, and an empty subset is an error that names K and d).
+        fill = d.num_subsets is None
         try:
             if d.kind == "expander":
-                design = expander_design(n, self.num_subsets, d.per_example, key=key)
+                design = expander_design(n, self.num_subsets, d.per_example, key=key,
+                                         fill_empty=fill)
             else:
-                design = bernoulli_design(n, self.num_subsets, d.alpha, key=key)
+                design = bernoulli_design(n, self.num_subsets, d.alpha, key=key, fill_empty=fill)
         except ValueError as e:
             raise ValueError(f"design (kind={d.kind}, num_subsets={self.num_subsets}, "
                              f"per_example={d.per_example}, alpha={d.alpha}, n={n}): {e}") from e
@@ -446,7 +587,7 @@ class Attributor:
                                   to_host(self._ops.coef))
         if directory is not None:
             self._ops.save(directory / "operators.npz")
-            atomic_write_text(directory / "history.json", json.dumps(out.history, indent=1))
+            write_json(directory / "history.json", out.history, indent=1)
             complete_stage(directory, "operators", payload)
             if on_disk:   # only training reads the cache; it can be as large as the data
                 import shutil
@@ -485,8 +626,10 @@ class Attributor:
         if directory is not None and open_stage(directory, "responses", payload,
                                                 overwrite=self.overwrite):
             log.info("reusing query gradients in %s", directory)
-            return Responses(np.load(directory / "g.npy", allow_pickle=False),
-                             np.load(directory / "base_loss.npy", allow_pickle=False))
+            res = Responses(np.load(directory / "g.npy", allow_pickle=False),
+                            np.load(directory / "base_loss.npy", allow_pickle=False))
+            _warn_implausible(res, self.lm.vocab_size)
+            return res
         from stride_jax.train import check_rows_fit
         check_rows_fit(self.lm, queries, "query")
         counts = queries.loss_mask.sum(1)
@@ -507,7 +650,9 @@ class Attributor:
             save_npy(directory / "g.npy", g)
             save_npy(directory / "base_loss.npy", base)
             complete_stage(directory, "responses", payload)
-        return Responses(g, base)
+        res = Responses(g, base)
+        _warn_implausible(res, self.lm.vocab_size)
+        return res
 
     def _solve_closed_form(self, responses: Responses, query_ids: Sequence[str]) -> Attribution:
         factors = self.fit_operators()
@@ -568,8 +713,10 @@ class Attributor:
                    "measure": to_dict(self.config.measure)}
         if directory is not None and open_stage(directory, "responses", payload,
                                                 overwrite=self.overwrite):
-            return Responses(np.load(directory / "y.npy", allow_pickle=False),
-                             np.load(directory / "base_loss.npy", allow_pickle=False))
+            res = Responses(np.load(directory / "y.npy", allow_pickle=False),
+                            np.load(directory / "base_loss.npy", allow_pickle=False))
+            _warn_implausible(res, self.lm.vocab_size)
+            return res
         res = measure_responses(self.lm, self.config.steering.site, ops.basis, ops.coef,
                                 queries, self.config.measure, progress=self.progress,
                                 mesh=self.mesh)
@@ -585,6 +732,7 @@ class Attributor:
             save_npy(directory / "y.npy", res.y_qk)
             save_npy(directory / "base_loss.npy", res.base_loss_q)
             complete_stage(directory, "responses", payload)
+        _warn_implausible(res, self.lm.vocab_size)
         return res
 
     def dense_scores(self, num_queries: int) -> bool:
@@ -780,6 +928,12 @@ def _merge_top(acc: dict, lo: int, hi: int, s_chunk: np.ndarray) -> dict:
         out[f"{side}_index"] = np.where(keep, take_i, -1)
         out[f"{side}_score"] = np.where(keep, take_s, 0.0).astype(np.float32)
     return out
+
+
+def _warn_implausible(res: Responses, vocab_size: int) -> None:
+    warning = implausible_base_loss(res.base_loss_q, vocab_size)
+    if warning is not None and is_writer():
+        log.warning("%s", warning)
 
 
 def _pad_rows(a: np.ndarray, rows: int, value: float = 0) -> np.ndarray:

@@ -138,7 +138,8 @@ def load_run(run_dir) -> tuple[np.ndarray, list[str], list[str], dict[str, str]]
     from stride_jax.cli import _load_scores
     run = Path(run_dir)
     if not run.is_dir():
-        raise FileNotFoundError(f"run directory {run} does not exist; {_RUN_HINT}")
+        what = "is a file, not a run directory" if run.exists() else "does not exist"
+        raise FileNotFoundError(f"run directory {run} {what}; {_RUN_HINT}")
     if not (run / "scores.npy").is_file():
         raise FileNotFoundError(f"{run} has no scores.npy; {_RUN_HINT}")
     scores = _load_scores(run / "scores.npy")
@@ -178,9 +179,11 @@ def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[
     aggregate) and ``text`` where ``topk.jsonl`` has it. ``out`` defaults to
     ``run_dir/selected.jsonl``. Returns the records and the path written.
     """
-    import json
-
-    from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.io.atomic import atomic_write_text, json_text
+    from stride_jax.io.outdir import check_output_file
+    path = Path(out) if out is not None else Path(run_dir) / "selected.jsonl"
+    if out is not None or Path(run_dir).is_dir():   # else load_run says what is wrong
+        check_output_file(path, example="selected.jsonl")   # before any work
     scores, _, pool_ids, texts = load_run(run_dir)
     values = aggregate(scores, how)
     n = len(pool_ids)
@@ -194,6 +197,6 @@ def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[
         if pool_ids[i] in texts:
             rec["text"] = texts[pool_ids[i]]
         recs.append(rec)
-    path = Path(out) if out is not None else Path(run_dir) / "selected.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    atomic_write_text(path, "".join(json_text(r, what=str(path), ensure_ascii=False) + "\n"
+                                    for r in recs))
     return recs, path

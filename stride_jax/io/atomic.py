@@ -8,12 +8,18 @@ directory because ``os.replace`` is only atomic within one filesystem.
 
 A write that fails because the disk (or the quota) is full raises :class:`DiskFullError`, which
 names the file and says what to do; the temporary file is removed and the previous file is kept.
+
+NaN and infinity never reach a file: :func:`save_npy` and :func:`json_text` / :func:`write_json`
+refuse them (``FloatingPointError`` naming the file), so a computation that went wrong upstream
+stops with an error instead of leaving a result that looks finished.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,8 +33,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "is_writer",
+    "json_text",
     "load_npy",
     "save_npy",
+    "write_json",
 ]
 
 
@@ -140,14 +148,60 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     atomic_write_bytes(path, text.encode(encoding))
 
 
+def _nonfinite_error(what: str, detail: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"refusing to write {what}: {detail} is NaN or infinite, and no output may hold one; "
+        f"nothing was written (a computation upstream went wrong: rerun with -v for where, and "
+        f"report it if the inputs are sound)")
+
+
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    """Save ``array`` as a ``.npy`` file atomically. Object arrays are refused (no pickles)."""
+    """Save ``array`` as a ``.npy`` file atomically. Object arrays are refused (no pickles), and
+    so are NaN/inf values (``FloatingPointError``)."""
     arr = np.asarray(array)
     if arr.dtype.hasobject:
         raise ValueError(f"save_npy: refusing to save an object array to {path} (it would need pickle)")
+    if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise _nonfinite_error(str(path), f"{int(bad.sum())} of its {arr.size} values (first at "
+                                          f"index {first})")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
+
+
+def _first_nonfinite(obj, where: str = "") -> str | None:
+    if isinstance(obj, float) or isinstance(obj, np.floating):
+        return None if math.isfinite(obj) else (where or "a value")
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _first_nonfinite(v, f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def json_text(obj, *, what: str, **kwargs) -> str:
+    """``json.dumps(obj, **kwargs)`` that refuses NaN/inf (not JSON; readers choke or misread
+    them) with a ``FloatingPointError`` naming ``what`` and the first offending key."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError as e:
+        where = _first_nonfinite(obj)
+        if where is None and "Out of range float" not in str(e):
+            raise
+        raise _nonfinite_error(what, f"the value at {where or '?'}") from None
+
+
+def write_json(path: str | os.PathLike[str], obj, **kwargs) -> None:
+    """Write ``obj`` as JSON (plus a newline) atomically, refusing NaN/inf (:func:`json_text`)."""
+    atomic_write_text(path, json_text(obj, what=str(path), **kwargs) + "\n")
 
 
 def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
