@@ -298,6 +298,11 @@ class Attributor:
             self.lm = model
         else:
             raise TypeError(f"model must be a CausalLM or LMFunctions, got {type(model).__name__}")
+        if workdir is not None:
+            # Stamps name the model by its fingerprint (the user's, or a hash of every parameter
+            # value), computed before any sharding: another model never reuses these artifacts.
+            self.lm = self.lm.with_fingerprint()
+            log.info("model fingerprint %s", self.lm.fingerprint)
         self.train = train
         self.config = config
         self.workdir = Path(workdir) if workdir is not None else None

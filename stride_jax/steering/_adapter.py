@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stride_jax.io.stamps import pytree_fingerprint
 from stride_jax.model.transformer import CausalLM
 
 
@@ -40,8 +41,15 @@ class LMFunctions:
     max_len: int
     layer: int
     num_layers: int
-    fingerprint: str = ""
+    fingerprint: str | None = None
     input_vocab_size: int | None = None   # when inputs index another table than the outputs
+
+    def with_fingerprint(self) -> "LMFunctions":
+        """This LM with ``fingerprint`` filled in: the one given, or else the hash of every
+        parameter value (:func:`params_fingerprint`)."""
+        if self.fingerprint:
+            return self
+        return dataclasses.replace(self, fingerprint=params_fingerprint(self.params))
 
 
 def from_causal_lm(model: CausalLM, layer: int) -> LMFunctions:
@@ -70,25 +78,12 @@ def from_causal_lm(model: CausalLM, layer: int) -> LMFunctions:
 
     return LMFunctions(params=state, features=features, head=head, upper=upper,
                        d_reader=c.hidden_size, d_final=c.hidden_size, vocab_size=c.vocab_size,
-                       max_len=c.max_position_embeddings, layer=layer, num_layers=c.num_layers,
-                       fingerprint=params_fingerprint(state))
+                       max_len=c.max_position_embeddings, layer=layer, num_layers=c.num_layers)
 
 
 def params_fingerprint(params: Any) -> str:
-    """A cheap content hash of a parameter pytree (shapes, dtypes and a strided sample of values)."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        a = np.asarray(leaf)
-        h.update(str((a.shape, a.dtype)).encode())
-        flat = a.reshape(-1)
-        step = max(1, flat.size // 4096)
-        h.update(np.ascontiguousarray(flat[::step]).tobytes())
-        h.update(np.float64(np.sum(flat, dtype=np.float64)).tobytes())
-    return h.hexdigest()[:16]
+    """Content hash of a parameter pytree: every value (:func:`stride_jax.io.stamps.pytree_fingerprint`)."""
+    return pytree_fingerprint(params)
 
 
 def logit_shift(lm: LMFunctions, site: str, shift_btc: jax.Array) -> jax.Array:

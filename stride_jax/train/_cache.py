@@ -92,6 +92,8 @@ def build_cache(lm: LMFunctions, data: TokenizedSet, *, batch_size: int = 64,
         arrays = {k: np.empty(s, np_dtype) for k, s in shapes.items()}
         done = 0
     else:
+        # A resumed build must be of this model: never another one's activations.
+        lm = lm.with_fingerprint()
         arrays, done = _open_disk_cache(Path(directory), shapes, lm.fingerprint, dtype)
     bar = None
     if progress:
