@@ -36,15 +36,17 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stride_jax.attribution import Attribution, TopScores
 from stride_jax.config import dump_config, option, to_dict
 from stride_jax.data import TokenizedSet
-from stride_jax.io.atomic import atomic_write_text, save_npy
+from stride_jax.errors import ConfigError, DataError, NonFiniteError
+from stride_jax.io.atomic import atomic_write_text, save_npy, save_npz
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
 from stride_jax.measure import MeasureConfig, Responses, measure_responses
 from stride_jax.model.transformer import CausalLM
@@ -142,129 +144,14 @@ class Operators(NamedTuple):
     coef: jax.Array
 
     def save(self, path: str | Path) -> None:
-        from stride_jax.io.atomic import atomic_path
         arrays = {f"basis.{k}": np.asarray(v) for k, v in self.basis.items()}
-        arrays["coef"] = np.asarray(self.coef)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        save_npz(path, coef=np.asarray(self.coef), **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "Operators":
         with np.load(path, allow_pickle=False) as z:
             basis = {k[len("basis."):]: jnp.asarray(z[k]) for k in z.files if k.startswith("basis.")}
             return cls(basis, jnp.asarray(z["coef"]))
-
-
-class TopScores(NamedTuple):
-    """Sparse scores: per query, the ``k`` largest positive scores (proponents) and the ``k``
-    most negative (opponents), best first; index -1 (score 0) pads a query with fewer."""
-
-    pro_index: np.ndarray        # [Q, k] int64
-    pro_score: np.ndarray        # [Q, k] float32
-    opp_index: np.ndarray        # [Q, k] int64
-    opp_score: np.ndarray        # [Q, k] float32
-
-    @classmethod
-    def from_dense(cls, w_qn: np.ndarray, k: int) -> "TopScores":
-        """Keep the top ``k`` of each row of ``w_qn`` (order: score, then index, as
-        :meth:`Attribution.top` on the dense matrix)."""
-        w = np.asarray(w_qn, np.float32)
-        Q, n = w.shape
-        k_eff = min(k, n)
-        out = []
-        for sign in (1.0, -1.0):
-            v = sign * w
-            cand = (np.argpartition(-v, k_eff - 1, axis=1)[:, :k_eff] if k_eff < n
-                    else np.broadcast_to(np.arange(n), (Q, n)))
-            idx = np.full((Q, k), -1, np.int64)
-            val = np.zeros((Q, k), np.float32)
-            for q in range(Q):
-                c = cand[q]
-                c = c[np.lexsort((c, -v[q, c]))]
-                c = c[v[q, c] > 0]
-                idx[q, :c.size], val[q, :c.size] = c, w[q, c]
-            out += [idx, val]
-        return cls(*out)
-
-    @classmethod
-    def concat(cls, parts: Sequence["TopScores"]) -> "TopScores":
-        return cls(*(np.concatenate(a) for a in zip(*parts)))
-
-    def save(self, path: str | Path) -> None:
-        from stride_jax.io.atomic import atomic_path
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **self._asdict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TopScores":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(**{f: z[f] for f in cls._fields})
-
-
-class Attribution(NamedTuple):
-    """Scores and what produced them: the dense matrix ``scores_qn``, or with
-    ``scores=topk`` only each query's top scores (``top_scores``; ``scores_qn`` is None)."""
-
-    scores_qn: np.ndarray | None  # [Q, n] float32; positive = the example lowers the query's loss
-    query_ids: list[str]
-    train_ids: list[str]
-    y_qk: np.ndarray             # [Q, K] responses
-    base_loss_q: np.ndarray      # [Q]
-    lam_q: np.ndarray            # [Q] Lasso penalty used per query
-    intercept_q: np.ndarray      # [Q]
-    top_scores: TopScores | None = None
-
-    def top(self, q: int, k: int = 10) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-        """Top ``k`` proponents (largest positive scores) and opponents (most negative) of query q."""
-        if self.scores_qn is None:
-            t = self.top_scores
-            if k > t.pro_index.shape[1]:
-                raise ValueError(f"only the top {t.pro_index.shape[1]} scores per query were kept "
-                                 f"(scores=topk); ask for at most that many, or rerun with a "
-                                 f"larger topk or scores=dense")
-            return ([(int(i), float(s)) for i, s in zip(t.pro_index[q, :k], t.pro_score[q, :k])
-                     if i >= 0],
-                    [(int(i), float(s)) for i, s in zip(t.opp_index[q, :k], t.opp_score[q, :k])
-                     if i >= 0])
-        s = self.scores_qn[q]
-        order = np.argsort(-s, kind="stable")
-        pro = [(int(i), float(s[i])) for i in order[:k] if s[i] > 0]
-        opp = [(int(i), float(s[i])) for i in order[::-1][:k] if s[i] < 0]
-        return pro, opp
-
-    def write(self, out_dir: str | Path, *, train_texts: Sequence[str] | None = None,
-              query_texts: Sequence[str] | None = None, k: int = 10) -> Path:
-        """``scores.npy`` (or ``scores_topk.npz`` when only the top scores were kept),
-        ``topk.jsonl`` (ids, scores, texts) and ``ids.json`` in ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.scores_qn is not None:
-            save_npy(out / "scores.npy", self.scores_qn.astype(np.float32))
-        else:
-            self.top_scores.save(out / "scores_topk.npz")
-        atomic_write_text(out / "ids.json", json.dumps({"queries": self.query_ids,
-                                                        "train": self.train_ids}) + "\n")
-        lines = []
-        for q, qid in enumerate(self.query_ids):
-            pro, opp = self.top(q, k)
-
-            def entry(i, s):
-                e = {"id": self.train_ids[i], "index": i, "score": s}
-                if train_texts is not None:
-                    e["text"] = train_texts[i]
-                return e
-
-            rec: dict[str, Any] = {"query_id": qid, "base_loss": float(self.base_loss_q[q]),
-                                   "lambda": float(self.lam_q[q]),
-                                   "proponents": [entry(i, s) for i, s in pro],
-                                   "opponents": [entry(i, s) for i, s in opp]}
-            if query_texts is not None:
-                rec["query_text"] = query_texts[q]
-            lines.append(json.dumps(rec, ensure_ascii=False))
-        atomic_write_text(out / "topk.jsonl", "\n".join(lines) + "\n")
-        return out
 
 
 class Attributor:
@@ -282,7 +169,7 @@ class Attributor:
                  config: AttributeConfig = AttributeConfig(), *, workdir: str | Path | None = None,
                  overwrite: bool = False, progress: bool = True):
         if len(train) < 1:
-            raise ValueError("the training set is empty: nothing to attribute to")
+            raise DataError("the training set is empty: nothing to attribute to")
         # Settings are checked before any stage runs, so a typo costs no cached work.
         from stride_jax.steering._operators import validate as validate_steering
         from stride_jax.train import validate as validate_train
@@ -293,8 +180,8 @@ class Attributor:
             self.lm = from_causal_lm(model, layer)
         elif isinstance(model, LMFunctions):
             if config.steering.layer is not None and config.steering.layer != model.layer:
-                raise ValueError(f"steering.layer={config.steering.layer} but the LMFunctions read "
-                                 f"layer {model.layer}")
+                raise ConfigError(f"steering.layer={config.steering.layer} but the LMFunctions read "
+                                  f"layer {model.layer}")
             self.lm = model
         else:
             raise TypeError(f"model must be a CausalLM or LMFunctions, got {type(model).__name__}")
@@ -321,14 +208,15 @@ class Attributor:
             self.lm = dataclasses.replace(self.lm, params=self.mesh.shard_weights(
                 self.lm.params, config.parallel.fsdp_min_size))
         if config.scores not in ("auto", "dense", "topk"):
-            raise ValueError(f"scores must be 'auto', 'dense' or 'topk', got {config.scores!r}")
+            raise ConfigError(f"scores must be 'auto', 'dense' or 'topk', got {config.scores!r}")
         if config.topk < 1:
-            raise ValueError(f"topk must be >= 1, got {config.topk}")
+            raise ConfigError(f"topk must be >= 1, got {config.topk}")
         from stride_jax.parallel.memory import parse_bytes
         parse_bytes(config.cache.memory_limit)
         parse_bytes(config.scores_memory_limit)
         self._design: Design | None = None
         self._ops: Operators | None = None
+        self._selfinf: dict[int | None, np.ndarray] = {}
         self.history: list[dict] = []
         if self.workdir is not None:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -384,8 +272,8 @@ class Attributor:
             else:
                 design = bernoulli_design(n, self.num_subsets, d.alpha, key=key)
         except ValueError as e:
-            raise ValueError(f"design (kind={d.kind}, num_subsets={self.num_subsets}, "
-                             f"per_example={d.per_example}, alpha={d.alpha}, n={n}): {e}") from e
+            raise ConfigError(f"design (kind={d.kind}, num_subsets={self.num_subsets}, "
+                              f"per_example={d.per_example}, alpha={d.alpha}, n={n}): {e}") from e
         if directory is not None:
             design.save(directory / "design.npz")
             complete_stage(directory, "design", payload)
@@ -451,7 +339,7 @@ class Attributor:
         if bad.any():
             q, k = (int(v[0]) for v in np.nonzero(bad))
             where = "" if directory is None else f" in {self.workdir / 'operators'}"
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"{int(bad.sum())} responses are NaN/inf (first: query {queries.ids[q]!r}, "
                 f"subset {k}): the trained operators{where} diverged; lower train.learning_rate "
                 f"and rerun with --overwrite")
@@ -476,8 +364,8 @@ class Attributor:
         design = self.design()
         y = np.asarray(responses.y_qk, np.float64)
         if y.ndim != 2 or y.shape[1] != design.num_subsets:
-            raise ValueError(f"responses have shape {y.shape}; expected [queries, "
-                             f"{design.num_subsets}] for this design")
+            raise DataError(f"responses have shape {y.shape}; expected [queries, "
+                            f"{design.num_subsets}] for this design")
         Q = y.shape[0]
         dense = self.dense_scores(Q)
         rfp = array_fingerprint(np.asarray(responses.y_qk, np.float32))
@@ -547,13 +435,16 @@ class Attributor:
         :mod:`stride_jax.apps.selfinf`): its gain under the operators of the subsets holding it
         over that under a sample of ``num_outside`` (default d) subsets without it."""
         from stride_jax.apps.selfinf import self_influence
+        if num_outside in self._selfinf:
+            return self._selfinf[num_outside]
         ops = self.fit_operators()
         directory = self._stage_dir("selfinf")
         payload = {"operators": self._stamp("operators"), "num_outside": num_outside,
                    "measure": to_dict(self.config.measure)}
         if directory is not None and open_stage(directory, "selfinf", payload,
                                                 overwrite=self.overwrite):
-            return np.load(directory / "score.npy", allow_pickle=False)
+            self._selfinf[num_outside] = np.load(directory / "score.npy", allow_pickle=False)
+            return self._selfinf[num_outside]
         out = self_influence(self.lm, self.config.steering.site, ops.basis, ops.coef,
                              self.design(), self.train, key=jax.random.fold_in(self.root, 3),
                              num_outside=num_outside, batch=self.config.measure.query_batch,
@@ -561,6 +452,7 @@ class Attributor:
         if directory is not None:
             save_npy(directory / "score.npy", out.score_n)
             complete_stage(directory, "selfinf", payload)
+        self._selfinf[num_outside] = out.score_n
         return out.score_n
 
     def token_responses(self, queries: TokenizedSet) -> Responses:
@@ -588,6 +480,50 @@ class Attributor:
     def attribute(self, queries: TokenizedSet) -> Attribution:
         """All stages: operators, measurement, recovery."""
         return self.solve(self.measure(queries), queries.ids)
+
+    def write(self, result: Attribution, queries: TokenizedSet, out_dir: str | Path | None = None,
+              *, tokenizer=None, self_influence: bool = False, report: bool = False,
+              title: str | None = None) -> Path:
+        """Write everything ``stride-jax attribute`` writes for ``result`` into ``out_dir``
+        (default: the workdir), in one call (files: :mod:`stride_jax.attribution`):
+
+        * ``scores.npy`` (or ``scores_topk.npz``), ``ids.json``, ``per_query.npz`` and
+          ``topk.jsonl``, with the rows' texts when a ``tokenizer`` decodes them;
+        * ``tokens.json``: the per-token attribution of the first ``config.token_queries``
+          queries (tokens shown as ids without a tokenizer);
+        * ``selfinf.json`` with ``self_influence=True`` (the ``selfinf`` stage);
+        * ``report.html`` with ``report=True`` (:mod:`stride_jax.apps.report`, ``title``).
+
+        ``queries`` are the rows ``result`` was computed for. Returns the directory.
+        """
+        from stride_jax.attribution import write_selfinf, write_tokens
+        if out_dir is None and self.workdir is None:
+            raise ConfigError("Attributor.write needs out_dir (this Attributor has no workdir)")
+        out = Path(out_dir) if out_dir is not None else self.workdir
+        if list(queries.ids) != list(result.query_ids):
+            raise DataError("Attributor.write: the queries are not the rows the result was "
+                            "computed for (their ids differ); pass the same queries")
+        train_texts = query_texts = None
+        decode = _token_ids_text
+        if tokenizer is not None:
+            from stride_jax.tokenizer import as_backend, row_texts
+            train_texts, query_texts = row_texts(self.train, tokenizer), row_texts(queries,
+                                                                                   tokenizer)
+            decode = as_backend(tokenizer).decode
+        result.write(out, train_texts=train_texts, query_texts=query_texts, k=self.config.topk)
+        if self.config.token_queries > 0:
+            few = queries.subset(range(min(self.config.token_queries, len(queries))))
+            write_tokens(out, self.token_attribution(few, result, decode))
+        if self_influence:
+            write_selfinf(out, self.train.ids, self.self_influence())
+        if report:
+            from stride_jax.apps.report import write_report
+            write_report(out, title=title)
+        return out
+
+
+def _token_ids_text(ids: Sequence[int]) -> str:
+    return " ".join(str(int(i)) for i in ids)
 
 
 def _pad_rows(a: np.ndarray, rows: int, value: float = 0) -> np.ndarray:

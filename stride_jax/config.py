@@ -46,6 +46,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from stride_jax.errors import ConfigError
 from stride_jax.io.atomic import atomic_write_text
 
 __all__ = [
@@ -64,10 +65,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file, override or value is invalid; the message says which key and why."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from stride_jax.errors import DataError
+
 __all__ = [
     "DataError",
     "Document",
@@ -20,10 +22,6 @@ __all__ = [
     "source_stamp",
     "write_jsonl",
 ]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line), the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,14 +62,14 @@ class TokenizedSet:
         for name in ("input_ids", "attention_mask", "loss_mask"):
             a = getattr(self, name)
             if a.ndim != 2 or a.shape[0] != n or a.shape != self.input_ids.shape:
-                raise ValueError(
+                raise DataError(
                     f"TokenizedSet.{name} has shape {a.shape}; expected [{n}, seq_len] like input_ids"
                 )
         if self.targets is not None and self.targets.shape != self.input_ids.shape:
-            raise ValueError(f"TokenizedSet.targets has shape {self.targets.shape}; expected "
-                             f"{self.input_ids.shape} like input_ids")
+            raise DataError(f"TokenizedSet.targets has shape {self.targets.shape}; expected "
+                            f"{self.input_ids.shape} like input_ids")
         if len(self.source_ids) != n:
-            raise ValueError(f"TokenizedSet.source_ids has {len(self.source_ids)} entries; expected {n}")
+            raise DataError(f"TokenizedSet.source_ids has {len(self.source_ids)} entries; expected {n}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -195,7 +195,7 @@ def tokenize_to_disk(
     """
     from stride_jax.io.atomic import atomic_path
     if chunk_docs < 1:
-        raise ValueError(f"chunk_docs={chunk_docs}: need at least 1 document per chunk")
+        raise DataError(f"chunk_docs={chunk_docs}: need at least 1 document per chunk")
     rows = _RowBuilder.create(
         tokenizer, seq_len, mode=mode, min_tokens=min_tokens, truncate=truncate, add_eos=add_eos,
         add_bos=add_bos, specials=specials, too_long_fix=too_long_fix)
@@ -349,17 +349,17 @@ class _RowBuilder:
                truncate: bool, add_eos: bool, add_bos: bool, specials: SpecialIds | None,
                too_long_fix: str | None) -> _RowBuilder:
         if mode not in ("chunk", "document"):
-            raise ValueError(f'mode must be "chunk" or "document", got {mode!r}')
+            raise DataError(f'mode must be "chunk" or "document", got {mode!r}')
         if seq_len < 2:
-            raise ValueError(f"seq_len={seq_len}: need at least 2 tokens for one next-token target")
+            raise DataError(f"seq_len={seq_len}: need at least 2 tokens for one next-token target")
         if min_tokens is None:
             min_tokens = max(seq_len // 4, 2)
         if not 1 <= min_tokens <= seq_len:
-            raise ValueError(f"min_tokens={min_tokens} must lie in [1, seq_len={seq_len}]")
+            raise DataError(f"min_tokens={min_tokens} must lie in [1, seq_len={seq_len}]")
         backend = as_backend(tokenizer)
         sp = specials if specials is not None else special_ids(tokenizer)
         if add_bos and sp.bos_id is None:
-            raise ValueError("add_bos=True but the tokenizer has no bos token")
+            raise DataError("add_bos=True but the tokenizer has no bos token")
         return cls(backend=backend, seq_len=seq_len, mode=mode, min_tokens=min_tokens,
                    truncate=truncate, head=[sp.bos_id] if add_bos else [],
                    tail=[sp.eos_id] if add_eos and sp.eos_id is not None else [],

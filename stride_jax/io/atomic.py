@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stride_jax.errors import DataError, DiskFullError
+
 __all__ = [
     "DiskFullError",
     "atomic_path",
@@ -29,15 +31,12 @@ __all__ = [
     "is_writer",
     "load_npy",
     "save_npy",
+    "save_npz",
 ]
 
 
 # errno values that mean "no room to write": the device is full, or the user's quota is spent.
 _FULL = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
-
-
-class DiskFullError(OSError):
-    """A write failed for lack of disk space; the previous file (if any) is intact."""
 
 
 def _disk_full(target: Path) -> DiskFullError:
@@ -150,6 +149,28 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
             np.save(f, arr, allow_pickle=False)
 
 
-def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
-    """Load a ``.npy`` file written by :func:`save_npy` (``allow_pickle=False``)."""
-    return np.load(path, allow_pickle=False)
+def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+    """Save named arrays as an (uncompressed) ``.npz`` file atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def load_npy(path: str | os.PathLike[str], *, what: str = ".npy array", hint: str = "",
+             mmap_mode: str | None = None) -> np.ndarray:
+    """Load a ``.npy`` file written by :func:`save_npy` (``allow_pickle=False``).
+
+    A file that is not one (no ``.npy`` header, truncated, an object array that would need
+    pickle) raises :class:`DataError` naming the file, ``what`` it should hold and the ``hint``.
+    The header is checked first: NumPy reads any other file as a pickle.
+    """
+    tail = f"; {hint}" if hint else ""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        what_is = "it is empty" if not magic else "it lacks the .npy header"
+        raise DataError(f"{path} is not a .npy file ({what_is}){tail}")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path} is not a {what} ({e}){tail}") from None

@@ -22,15 +22,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from stride_jax.errors import StaleArtifactError
 from stride_jax.io.atomic import atomic_write_text, is_writer
 
 STAMP = "stamp.json"
 
 log = logging.getLogger(__name__)
-
-
-class StaleArtifactError(ValueError):
-    """A stage directory was made with different arguments or inputs."""
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from stride_jax.config import option
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import ConfigError, DataError
 from stride_jax.steering import LMFunctions, basis_features, delta_logprob, logit_shift, shift
 from stride_jax.train import Rows, check_rows_fit, responses
 from stride_jax.parallel import to_host
@@ -60,13 +61,13 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
     check_rows_fit(lm, queries, "query")
     counts = queries.loss_mask.sum(1)
     if len(queries) == 0:
-        raise ValueError("no queries to measure")
+        raise DataError("no queries to measure")
     if (counts == 0).any():
         bad = queries.ids[int(np.flatnonzero(counts == 0)[0])]
-        raise ValueError(f"query {bad!r} has no scored token (empty completion?); give it a "
-                         f"non-empty text/completion")
+        raise DataError(f"query {bad!r} has no scored token (empty completion?); give it a "
+                        f"non-empty text/completion")
     if cfg.query_batch < 1 or cfg.subset_chunk < 1:
-        raise ValueError("measure.query_batch and measure.subset_chunk must be >= 1")
+        raise ConfigError("measure.query_batch and measure.subset_chunk must be >= 1")
     K = coef_krc.shape[0]
     Q, T = queries.input_ids.shape
     cfg = dataclasses.replace(cfg, query_batch=min(cfg.query_batch, Q))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stride_jax.errors import ConfigError
 from stride_jax.io.stamps import pytree_fingerprint
 from stride_jax.model.transformer import CausalLM
 
@@ -56,8 +57,8 @@ def from_causal_lm(model: CausalLM, layer: int) -> LMFunctions:
     """Wrap a stride-jax :class:`CausalLM` with the reader at the residual stream after ``layer``."""
     c = model.config
     if not 0 <= layer < c.num_layers:
-        raise ValueError(f"steering layer {layer} is out of range for a {c.num_layers}-block model "
-                         f"(use 0 .. {c.num_layers - 1})")
+        raise ConfigError(f"steering layer {layer} is out of range for a {c.num_layers}-block model "
+                          f"(use 0 .. {c.num_layers - 1})")
     graphdef, state = nnx.split(model)
 
     def features(params, input_ids, attention_mask):
@@ -96,4 +97,4 @@ def logit_shift(lm: LMFunctions, site: str, shift_btc: jax.Array) -> jax.Array:
         bias = lm.head(lm.params, jnp.zeros((1, 1, d), shift_btc.dtype))[0, 0]
         flat = lm.head(lm.params, shift_btc.reshape(1, -1, d))[0] - bias
         return flat.reshape(*shift_btc.shape[:-1], flat.shape[-1])
-    raise ValueError(f"site {site!r} is not linear in the logits")
+    raise ConfigError(f"site {site!r} is not linear in the logits")

@@ -43,6 +43,7 @@ import optax
 
 from stride_jax.config import option
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import ConfigError, DataError, NonFiniteOperatorLossError
 from stride_jax.steering import (LMFunctions, SteeringConfig, basis_features,
                                  delta_logprob_and_kl, init_steering, logit_shift, shift)
 from stride_jax.train._cache import ActivationCache
@@ -93,10 +94,6 @@ class OperatorState(NamedTuple):
     step: jax.Array          # scalar int32
 
 
-class NonFiniteOperatorLossError(FloatingPointError):
-    """An operator's training loss became NaN or inf."""
-
-
 def validate(cfg: OperatorTrainConfig) -> None:
     problems = []
     for name in ("epochs", "subsets_per_step", "rows_per_subset", "stability_rows"):
@@ -115,8 +112,8 @@ def validate(cfg: OperatorTrainConfig) -> None:
     if cfg.checkpoint_every < 0 or cfg.log_every < 1:
         problems.append("train.checkpoint_every must be >= 0 and train.log_every >= 1")
     if problems:
-        raise ValueError("; ".join(problems) + "; fix these train.* settings (see "
-                         "configs/attribute_default.yaml for the defaults)")
+        raise ConfigError("; ".join(problems) + "; fix these train.* settings (see "
+                          "configs/attribute_default.yaml for the defaults)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +141,7 @@ def padded_members(design) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.diff(design.indptr).astype(np.int32)
     if (sizes == 0).any():
         k = int(np.flatnonzero(sizes == 0)[0])
-        raise ValueError(f"subset {k} of the design is empty; lower K or raise d")
+        raise ConfigError(f"subset {k} of the design is empty; lower K or raise d")
     members = np.full((design.num_subsets, int(sizes.max())), -1, np.int32)
     for k in range(design.num_subsets):
         m = design.cols[design.indptr[k]:design.indptr[k + 1]]
@@ -341,12 +338,12 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     validate(cfg)
     site = steering.site
     if site == "residual" and lm.upper is None:
-        raise ValueError("the residual site needs the model's upper layers (LMFunctions.upper)")
+        raise DataError("the residual site needs the model's upper layers (LMFunctions.upper)")
     if cache.num_rows != len(data):
-        raise ValueError(f"cache has {cache.num_rows} rows but the training set has {len(data)}")
+        raise DataError(f"cache has {cache.num_rows} rows but the training set has {len(data)}")
     if design.num_examples != len(data):
-        raise ValueError(f"design is over {design.num_examples} examples but the training set has "
-                         f"{len(data)} rows")
+        raise DataError(f"design is over {design.num_examples} examples but the training set has "
+                        f"{len(data)} rows")
     k_init, k_order, k_rows, k_probe, k_sketch = (jax.random.fold_in(key, i) for i in range(5))
     K = design.num_subsets
     d_out = lm.vocab_size if site == "logits" else lm.d_final
