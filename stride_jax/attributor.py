@@ -6,7 +6,7 @@
     att.fit_operators()             # design + activation cache + operator training
     responses = att.measure(query_rows)
     result = att.solve(responses)   # scores [Q, n]: positive = the example lowers the query's loss
-    result.write("runs/x", train_texts=..., query_texts=...)
+    att.write(result, query_rows, tokenizer=tok)   # everything `stride-jax attribute` writes
 
 Stages and their directories under ``workdir``:
 
@@ -17,12 +17,20 @@ design          ``design/``                  n, design config, seed
 operators       ``operators/``               model + training data fingerprints, design,
                                              steering and train config, seed
 measure         ``responses/<queries>/``     operators stamp + queries + measure config
+                                             (+ a custom measurement's fingerprint)
 solve           ``solve/<responses>/``       responses + design stamp + solve config
+selfinf         ``selfinf/``                 operators stamp + measure config
 ==============  ===========================  ==============================================
 
+The model's fingerprint is :attr:`LMFunctions.fingerprint`: the user's, or else a hash of every
+parameter value, so another model (another seed, a fine-tune) never reuses these artifacts.
 A stage whose stamp matches is loaded instead of recomputed (operator training resumes from its
-last orbax checkpoint); a stamp that does not match is refused with the changed keys named,
+last orbax checkpoint), and the log says so (``reusing the complete 'operators' stage in ...
+(stamp 1a2b3c4d)``); a stamp that does not match is refused with the changed keys named,
 unless ``overwrite=True``. Without a ``workdir`` everything stays in memory.
+
+Before any stage runs, the settings, the model's functions (one ``jax.eval_shape`` each, see
+:func:`stride_jax.steering.check_shapes`) and the training rows are checked against each other.
 
 Keys: one seed, ``root = key(seed)``; the design uses ``fold_in(root, 0)``, training
 ``fold_in(root, 1)``, lambda selection ``fold_in(root, 2)``, self-influence ``fold_in(root, 3)``.
@@ -36,7 +44,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +56,17 @@ from stride_jax.data import TokenizedSet
 from stride_jax.errors import ConfigError, DataError, NonFiniteError
 from stride_jax.io.atomic import atomic_write_text, save_npy, save_npz
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
-from stride_jax.measure import MeasureConfig, Responses, measure_responses
+from stride_jax.measure import (MeasureConfig, MeasureInputs, Measurement, Responses,
+                                as_measurement, measure_responses)
 from stride_jax.model.transformer import CausalLM
 from stride_jax.parallel import (ParallelConfig, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
                                  to_host)
 from stride_jax.solve import SolveConfig, solve
-from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
+from stride_jax.steering import (LMFunctions, SteeringConfig, check_shapes, from_causal_lm,
+                                 resolve_layer)
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
-from stride_jax.train import OperatorTrainConfig, build_cache, train_operators
+from stride_jax.train import OperatorTrainConfig, build_cache, check_rows_fit, train_operators
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +173,18 @@ class Attributor:
       config: the run configuration.
       workdir: where stage artifacts go (None: in memory only).
       overwrite: replace stage artifacts made with other arguments instead of refusing.
+      progress: show progress bars.
+      measurement: the queries' response to an operator (default: the change of the mean
+        per-token log-probability); a :class:`~stride_jax.measure.Measurement` or a function
+        of :class:`~stride_jax.measure.MeasureInputs` returning one scalar, for the ``logits``
+        and ``final_hidden`` sites. It is stamped in the measure stage; per-token attribution
+        (``tokens.json``) is skipped with it.
     """
 
     def __init__(self, model: CausalLM | LMFunctions, train: TokenizedSet,
                  config: AttributeConfig = AttributeConfig(), *, workdir: str | Path | None = None,
-                 overwrite: bool = False, progress: bool = True):
+                 overwrite: bool = False, progress: bool = True,
+                 measurement: Measurement | Callable[[MeasureInputs], Any] | None = None):
         if len(train) < 1:
             raise DataError("the training set is empty: nothing to attribute to")
         # Settings are checked before any stage runs, so a typo costs no cached work.
@@ -185,18 +202,26 @@ class Attributor:
             self.lm = model
         else:
             raise TypeError(f"model must be a CausalLM or LMFunctions, got {type(model).__name__}")
+        self.train = train
+        self.config = config
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.overwrite = overwrite
+        self.measurement = as_measurement(measurement)
+        if self.measurement is not None and config.steering.site == "residual":
+            raise ConfigError("a custom measurement needs steering.site=logits or final_hidden "
+                              "(the residual site measures the mean log-probability change)")
+        # Joins the multi-host runtime if asked (it must come before JAX does any work; the CLI
+        # calls it first thing, library users call stride_jax.parallel.initialize themselves).
+        initialize(config.parallel)
+        # The model's functions and the rows are checked against each other before any work:
+        # one jax.eval_shape per function, a one-line error naming the field.
+        check_shapes(self.lm, config.steering.site, train.seq_len)
+        check_rows_fit(self.lm, train, "training")
         if workdir is not None:
             # Stamps name the model by its fingerprint (the user's, or a hash of every parameter
             # value), computed before any sharding: another model never reuses these artifacts.
             self.lm = self.lm.with_fingerprint()
             log.info("model fingerprint %s", self.lm.fingerprint)
-        self.train = train
-        self.config = config
-        self.workdir = Path(workdir) if workdir is not None else None
-        self.overwrite = overwrite
-        # Joins the multi-host runtime if asked (it must come before JAX does any work; the CLI
-        # calls it first thing, library users call stride_jax.parallel.initialize themselves).
-        initialize(config.parallel)
         self.progress = progress and is_writer()
         self.root = jax.random.key(config.seed)
         # Not part of any stamp: the device count changes float rounding only, so a run may be
@@ -324,17 +349,22 @@ class Attributor:
         """Responses ``y[q, k]`` of the queries to every operator (stage ``responses``)."""
         ops = self.fit_operators()
         qfp = rows_fingerprint(queries)
-        # One directory per query set, so new queries reuse the operators without a clash.
-        directory = None if self.workdir is None else self.workdir / "responses" / qfp
+        # One directory per query set (and measurement), so new queries or another measurement
+        # reuse the operators without a clash.
+        name = qfp
         payload = {"operators": self._stamp("operators"), "queries": qfp,
                    "measure": to_dict(self.config.measure)}
+        if self.measurement is not None:   # the default adds no key: older stamps stay valid
+            payload["measurement"] = self.measurement.stamp()
+            name = f"{qfp}-{array_fingerprint(extra=payload['measurement'])[:8]}"
+        directory = None if self.workdir is None else self.workdir / "responses" / name
         if directory is not None and open_stage(directory, "responses", payload,
                                                 overwrite=self.overwrite):
             return Responses(np.load(directory / "y.npy", allow_pickle=False),
                              np.load(directory / "base_loss.npy", allow_pickle=False))
         res = measure_responses(self.lm, self.config.steering.site, ops.basis, ops.coef,
                                 queries, self.config.measure, progress=self.progress,
-                                mesh=self.mesh)
+                                mesh=self.mesh, measurement=self.measurement)
         bad = ~np.isfinite(res.y_qk)
         if bad.any():
             q, k = (int(v[0]) for v in np.nonzero(bad))
@@ -511,7 +541,10 @@ class Attributor:
                                                                                    tokenizer)
             decode = as_backend(tokenizer).decode
         result.write(out, train_texts=train_texts, query_texts=query_texts, k=self.config.topk)
-        if self.config.token_queries > 0:
+        if self.config.token_queries > 0 and self.measurement is not None:
+            log.info("no tokens.json: per-token attribution describes the default measurement, "
+                     "not %s", self.measurement.stamp())
+        elif self.config.token_queries > 0:
             few = queries.subset(range(min(self.config.token_queries, len(queries))))
             write_tokens(out, self.token_attribution(few, result, decode))
         if self_influence:

@@ -119,3 +119,228 @@ def test_every_error_class_is_a_stride_error():
     assert issubclass(NonFiniteOperatorLossError, FloatingPointError)
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.StrideError), name
+
+
+# --------------------------------------------------------------------------- data and configs
+def test_tokenized_set_from_arrays_applies_the_next_token_shift():
+    from stride_jax import TokenizedSet
+    ids = np.array([[5, 6, 7, 8, 0], [1, 2, 3, 0, 0]])
+    att = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    comp = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])   # prompt, then the scored answer
+    rows = TokenizedSet.from_arrays(ids, att, comp, ids=["a", "b"])
+    np.testing.assert_array_equal(rows.loss_mask, [[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    # Scored positions predict exactly the completion tokens.
+    np.testing.assert_array_equal(rows.target_ids()[rows.loss_mask > 0], [7, 8, 2, 3])
+    plain = TokenizedSet.from_arrays(ids)
+    assert plain.ids == ["0", "1"] and (plain.loss_mask[:, :-1] == 1).all()
+    assert (plain.loss_mask[:, -1] == 0).all()
+    from stride_jax import DataError
+    with pytest.raises(DataError, match="attention_mask has shape"):
+        TokenizedSet.from_arrays(ids, att[:, :3])
+    with pytest.raises(DataError, match="input_ids must be an integer"):
+        TokenizedSet.from_arrays(np.zeros(4, np.int32))
+
+
+def test_dotted_overrides_from_python():
+    from stride_jax import AttributeConfig, ConfigError, load_config, with_overrides
+    cfg = with_overrides(AttributeConfig(), "train.epochs=5", "steering.site=final_hidden")
+    assert cfg.train.epochs == 5 and cfg.steering.site == "final_hidden"
+    assert cfg == load_config(AttributeConfig, None, ["train.epochs=5",
+                                                      "steering.site=final_hidden"])
+    cfg = with_overrides(cfg, **{"design.per_example": 10, "solve.estimator": "ridge"})
+    assert cfg.design.per_example == 10 and cfg.train.epochs == 5
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
+        with_overrides(cfg, **{"train.epoch": 3})
+    with pytest.raises(ConfigError, match="train.epochs"):
+        with_overrides(cfg, **{"train.epochs": "many"})
+
+
+def test_top_level_exports_are_lazy_and_complete():
+    import subprocess
+    import sys
+    code = ("import sys, stride_jax; assert 'jax' not in sys.modules, 'import stride_jax "
+            "imported jax'; from stride_jax import *; import stride_jax as s; "
+            "missing = [n for n in s.__all__ if not hasattr(s, n)]; assert not missing, missing")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import stride_jax
+    from stride_jax.attributor import Attributor
+    from stride_jax.model.hf import from_hf
+    assert stride_jax.Attributor is Attributor and stride_jax.from_hf is from_hf
+    with pytest.raises(AttributeError):
+        stride_jax.not_a_name
+
+
+# --------------------------------------------------------------------------- your own model
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+
+
+def _example(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _wrap(model, layer: int = 1, **kw):
+    from stride_jax import LMFunctions
+    return LMFunctions.from_nnx(
+        model, layer=layer, num_layers=3, max_len=16,
+        reader=lambda m, ids, mask: m.run(m.embed(ids), 0, layer + 1),
+        upper=lambda m, h, ids, mask: m.run(h, layer + 1, 3),
+        final_norm=lambda m, h: m.norm(h), head=lambda m, h: m.out(h), **kw)
+
+
+def _fast():
+    from stride_jax import AttributeConfig, with_overrides
+    return with_overrides(
+        AttributeConfig(), "design.num_subsets=16", "design.per_example=3", "steering.rank=4",
+        "steering.layer=1", "train.epochs=1", "train.subsets_per_step=16",
+        "train.rows_per_subset=2", "train.stability_rows=2", "train.tokens_per_row=4",
+        "solve.estimator=lasso", "solve.lam=0.001", "token_queries=2", "topk=3")
+
+
+@pytest.fixture(scope="module")
+def nnx_lm():
+    from stride_jax import TokenizedSet
+    model = _example("own_model").TinyLM(vocab=64, width=32, depth=3, seed=0)
+    rng = np.random.default_rng(0)
+    train = TokenizedSet.from_arrays(rng.integers(0, 64, (40, 16)))
+    comp = np.zeros((3, 16), np.int32)
+    comp[0, 4:], comp[1, 10:], comp[2, 1:] = 1, 1, 1        # completions of 12, 6 and 15 tokens
+    queries = TokenizedSet.from_arrays(rng.integers(0, 64, (3, 16)), completion_mask=comp,
+                                       ids=["qa", "qb", "qc"])
+    return model, _wrap(model), train, queries
+
+
+def test_from_nnx_runs_the_users_model_in_place(nnx_lm):
+    import jax.numpy as jnp
+
+    from stride_jax import params_fingerprint
+    model, lm, train, _ = nnx_lm
+    assert (lm.d_reader, lm.d_final, lm.vocab_size, lm.layer) == (32, 32, 64, 1)
+    ids = jnp.asarray(train.input_ids[:2])
+    h_reader, h_final = lm.features(lm.params, ids, jnp.ones_like(ids))
+    np.testing.assert_allclose(lm.head(lm.params, h_final), model(ids), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lm.upper(lm.params, h_reader, ids, ids), h_final, rtol=1e-6)
+    other = _wrap(_example("own_model").TinyLM(vocab=64, width=32, depth=3, seed=1))
+    assert lm.with_fingerprint().fingerprint == params_fingerprint(lm.params)
+    assert other.with_fingerprint().fingerprint != lm.with_fingerprint().fingerprint
+
+
+@pytest.mark.parametrize("case,phrase", [
+    ("d_reader", "LMFunctions.d_reader=7 but features returns h_reader of shape (1, 16, 32) for a "
+                 "[1, 16] batch (expected (1, 16, 7)): set d_reader=32"),
+    ("d_final", "LMFunctions.d_final=5 but features returns h_final of shape (1, 16, 32)"),
+    ("vocab", "LMFunctions.vocab_size=50 but head returns logits of shape (1, 16, 64)"),
+    ("no_upper", "steering.site=residual needs LMFunctions.upper"),
+    ("loss_mask", "has loss_mask 1 in its last column"),
+])
+def test_a_model_that_does_not_fit_is_refused_before_any_work(nnx_lm, tmp_path, case, phrase):
+    import dataclasses
+
+    from stride_jax import Attributor, ModelError, StrideError, with_overrides
+    _, lm, train, _ = nnx_lm
+    cfg = _fast()
+    if case == "d_reader":
+        lm = dataclasses.replace(lm, d_reader=7)
+    elif case == "d_final":
+        lm = dataclasses.replace(lm, d_final=5)
+    elif case == "vocab":
+        lm = dataclasses.replace(lm, vocab_size=50)
+    elif case == "no_upper":
+        lm = dataclasses.replace(lm, upper=None)
+        cfg = with_overrides(cfg, "steering.site=residual")
+    elif case == "loss_mask":
+        train = dataclasses.replace(train, loss_mask=np.ones_like(train.loss_mask))
+    with pytest.raises(StrideError) as e:
+        Attributor(lm, train, cfg, workdir=tmp_path / "w", progress=False)
+    assert phrase in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, ModelError) or case == "loss_mask"
+    assert not (tmp_path / "w").exists()        # nothing was computed or written
+
+
+# --------------------------------------------------------------------------- your own measurement
+@pytest.mark.parametrize("site", ["logits", "final_hidden"])
+def test_a_sum_measurement_scales_the_responses_by_the_token_count(nnx_lm, site):
+    """Contract check: the response is the measurement of the per-token log-probability changes;
+    summing instead of averaging multiplies each query's responses by its scored token count."""
+    import jax
+
+    from stride_jax import MeasureInputs, Measurement, sum_logprob_change
+    from stride_jax.measure import measure_responses
+    _, lm, _, queries = nnx_lm
+    k1, k2 = jax.random.split(jax.random.key(0))
+    basis = {"w": jax.random.normal(k1, (32, 4)) / 6}
+    C = 64 if site == "logits" else 32
+    coef = jax.random.normal(k2, (5, 4, C)) * 0.05
+    mean = measure_responses(lm, site, basis, coef, queries).y_qk
+    total = measure_responses(lm, site, basis, coef, queries, measurement=sum_logprob_change).y_qk
+    counts = queries.loss_mask.sum(1)
+    assert list(counts) == [12, 6, 15]
+    np.testing.assert_allclose(total, mean * counts[:, None], rtol=2e-5, atol=1e-7)
+    assert np.abs(mean).min() > 0
+    # A function of the steered logits: the change of the last scored token's margin.
+    def margin(x: MeasureInputs):
+        t = (x.loss_mask_t * jax.numpy.arange(x.loss_mask_t.shape[0])).argmax()
+        z = x.base_logp_tv[t] + x.delta_tv[t]
+        y = x.targets_t[t]
+        return (z[y] - jax.numpy.max(z.at[y].set(-1e9))) - (
+            x.base_logp_tv[t, y] - jax.numpy.max(x.base_logp_tv[t].at[y].set(-1e9)))
+    got = measure_responses(lm, site, basis, coef, queries,
+                            measurement=Measurement(margin, "last-token margin")).y_qk
+    assert got.shape == (3, 5) and np.isfinite(got).all() and np.abs(got).max() > 0
+
+
+def test_a_measurement_needs_a_linear_site(nnx_lm):
+    import jax
+
+    from stride_jax import ConfigError, sum_logprob_change
+    from stride_jax.measure import measure_responses
+    _, lm, _, queries = nnx_lm
+    with pytest.raises(ConfigError, match="logits or final_hidden"):
+        measure_responses(lm, "residual", {"w": jax.numpy.zeros((32, 4))},
+                          jax.numpy.zeros((5, 4, 32)), queries, measurement=sum_logprob_change)
+
+
+@pytest.fixture(scope="module")
+def run(nnx_lm, tmp_path_factory):
+    from stride_jax import Attributor
+    _, lm, train, queries = nnx_lm
+    work = tmp_path_factory.mktemp("api_run")
+    att = Attributor(lm, train, _fast(), workdir=work, progress=False)
+    return work, att, att.attribute(queries)
+
+
+def test_attributor_write_writes_everything_the_cli_writes(nnx_lm, run):
+    from stride_jax import Attribution
+    _, _, train, queries = nnx_lm
+    work, att, result = run
+    att.write(result, queries, self_influence=True, report=True, title="api")
+    for name in ("scores.npy", "ids.json", "per_query.npz", "topk.jsonl", "tokens.json",
+                 "selfinf.json", "report.html", "attribute.yaml"):
+        assert (work / name).is_file(), name
+    back = Attribution.load(work)
+    np.testing.assert_array_equal(back.scores_qn, result.scores_qn)
+    np.testing.assert_array_equal(back.y_qk, result.y_qk)
+    assert back.query_ids == ["qa", "qb", "qc"] and back.train_ids == list(train.ids)
+    tokens = json.loads((work / "tokens.json").read_text())
+    assert [q["query_id"] for q in tokens["queries"]] == ["qa", "qb"]      # token_queries=2
+    assert len(json.loads((work / "selfinf.json").read_text())["score"]) == len(train)
+
+
+def test_a_custom_measurement_is_stamped_and_reuses_the_operators(nnx_lm, run, tmp_path):
+    from stride_jax import Attributor, sum_logprob_change
+    _, lm, train, queries = nnx_lm
+    work, _, mean = run
+    att = Attributor(lm, train, _fast(), workdir=work, progress=False,
+                     measurement=sum_logprob_change)
+    total = att.attribute(queries)
+    assert att.history == []                                  # operators were reused
+    np.testing.assert_allclose(total.y_qk, mean.y_qk * queries.loss_mask.sum(1)[:, None],
+                               rtol=2e-5, atol=1e-7)
+    stamps = [json.loads(p.read_text())["payload"] for p in (work / "responses").glob("*/stamp.json")]
+    assert sorted(s.get("measurement", "default") for s in stamps) == ["default",
+                                                                       "sum_logprob_change"]
+    att.write(total, queries, tmp_path)
+    assert (tmp_path / "topk.jsonl").is_file() and not (tmp_path / "tokens.json").exists()

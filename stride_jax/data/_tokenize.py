@@ -92,6 +92,47 @@ class TokenizedSet:
         """int64 ``[n]``: scored next-token targets per row (``loss_mask.sum(1)``)."""
         return self.loss_mask.sum(axis=1, dtype=np.int64)
 
+    @classmethod
+    def from_arrays(cls, input_ids: Any, attention_mask: Any = None, completion_mask: Any = None,
+                    *, ids: Sequence[str] | None = None) -> TokenizedSet:
+        """Rows from token arrays you already have; the next-token shift is applied here.
+
+        Args:
+          input_ids: int ``[n, L]`` token ids, one row per example (NumPy, JAX or lists).
+          attention_mask: ``[n, L]``, 1 on real tokens and 0 on padding (padding on the right);
+            default all ones.
+          completion_mask: ``[n, L]``, 1 on the tokens whose prediction is scored (e.g. an
+            answer after its prompt); default every real token. The first token of a row is
+            never scored (nothing predicts it).
+          ids: ``n`` row ids (default ``"0" .. "n-1"``).
+
+        ``loss_mask[:, t] = attention_mask[:, t+1] * completion_mask[:, t+1]`` (the position that
+        *predicts* token ``t + 1``; the last column is 0), as :class:`TokenizedSet` defines it.
+        """
+        x = np.asarray(input_ids)
+        if x.ndim != 2 or x.shape[1] < 2 or not (x.size == 0 or np.issubdtype(x.dtype, np.integer)):
+            raise DataError(f"input_ids must be an integer [rows, seq_len] array with seq_len >= 2 "
+                            f"(one next-token target), got {x.dtype} of shape {x.shape}")
+        if x.size and x.min() < 0:
+            raise DataError(f"input_ids holds negative token ids ({int(x.min())}); pad with a "
+                            f"real token id and mark the padding in attention_mask")
+        masks = {}
+        for name, m in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
+            a = np.ones(x.shape, np.int32) if m is None else np.asarray(m)
+            if a.shape != x.shape:
+                raise DataError(f"{name} has shape {a.shape}; expected {x.shape} like input_ids")
+            if a.size and not np.isin(a, (0, 1)).all():
+                raise DataError(f"{name} must hold only 0 and 1")
+            masks[name] = a.astype(np.int32)
+        attention = masks["attention_mask"]
+        loss = np.zeros(x.shape, np.int32)
+        loss[:, :-1] = attention[:, 1:] * masks["completion_mask"][:, 1:]
+        n = x.shape[0]
+        names = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
+        if len(names) != n:
+            raise DataError(f"ids has {len(names)} entries for {n} rows")
+        return cls(names, x.astype(np.int32), attention, loss, list(names))
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> TokenizedSet:
         """Rows ``indices``, in that order (e.g. one split from :func:`split_ids`)."""
         idx = np.asarray(indices, dtype=np.int64)

@@ -65,6 +65,11 @@ def check_rows_fit(lm: LMFunctions, data: TokenizedSet, what: str) -> None:
         raise DataError(f"{what} token ids reach {int(data.input_ids.max())} but the model's "
                         f"vocabulary has {in_vocab} entries: the tokenizer does not match the "
                         f"model; use the tokenizer saved with the model")
+    if len(data) and data.targets is None and data.loss_mask[:, -1].any():
+        row = data.ids[int(np.flatnonzero(data.loss_mask[:, -1])[0])]
+        raise DataError(f"{what} row {row!r} has loss_mask 1 in its last column, which predicts "
+                        f"no token: loss_mask[:, t] marks the position that predicts token t+1; "
+                        f"build the rows with TokenizedSet.from_arrays, which shifts for you")
     if len(data) and data.targets is not None:
         scored = data.targets[data.loss_mask > 0]
         if scored.size and (scored.min() < 0 or scored.max() >= lm.vocab_size):
