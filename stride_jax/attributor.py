@@ -296,7 +296,7 @@ class Attributor:
                 design = expander_design(n, self.num_subsets, d.per_example, key=key)
             else:
                 design = bernoulli_design(n, self.num_subsets, d.alpha, key=key)
-        except ValueError as e:
+        except ConfigError as e:
             raise ConfigError(f"design (kind={d.kind}, num_subsets={self.num_subsets}, "
                               f"per_example={d.per_example}, alpha={d.alpha}, n={n}): {e}") from e
         if directory is not None:

@@ -43,20 +43,31 @@ SNIPPETS = readme_snippets(README.read_text(encoding="utf-8"))
 def test_the_readme_has_python_snippets():
     assert len(SNIPPETS) >= 2
     sections = {name.rsplit(" #", 1)[0] for name, _ in SNIPPETS}
-    assert "Using the model layer" in sections
+    assert {"Using the model layer", "Python API"} <= sections
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Files the snippets read by path: a tiny HF model directory (with its tokenizer)."""
-    from stride_jax.model.hf import to_hf
+    """Files the snippets read by path: a tiny HF model directory with its tokenizer
+    (``path/to/hf_dir``) and a finished run directory (``runs/x``)."""
+    import numpy as np
+
+    from stride_jax.attribution import Attribution
+    from stride_jax.data import shakespeare_plays
     from stride_jax.model.config import tiny_llama
+    from stride_jax.model.hf import to_hf
     from stride_jax.model.transformer import init_model
+    from stride_jax.tokenizer import train_bpe, vocab_size_of
     root = tmp_path_factory.mktemp("readme_files")
-    model = init_model(tiny_llama(vocab_size=64, hidden_size=16, num_heads=2, num_kv_heads=1,
-                                  head_dim=8, intermediate_size=32, num_layers=2,
+    tok = train_bpe([shakespeare_plays(["macbeth"])[0].text], vocab_size=300)
+    model = init_model(tiny_llama(vocab_size=vocab_size_of(tok), hidden_size=16, num_heads=2,
+                                  num_kv_heads=1, head_dim=8, intermediate_size=32, num_layers=2,
                                   max_position_embeddings=32), seed=0)
-    to_hf(model, root / "path" / "to" / "hf_dir")
+    to_hf(model, root / "path" / "to" / "hf_dir", tokenizer=tok)
+    rng = np.random.default_rng(0)
+    Attribution(rng.normal(size=(2, 5)).astype(np.float32), ["q0", "q1"],
+                [f"t{i}" for i in range(5)], rng.normal(size=(2, 4)), rng.random(2),
+                rng.random(2), rng.normal(size=2)).write(root / "runs" / "x")
     return root
 
 
@@ -67,27 +78,51 @@ def _layout(files: Path, cwd: Path) -> None:
 def prelude(cwd: Path) -> dict:
     """The placeholders the README's snippets use, all tiny:
 
-    ``model`` (a 2-block stride-jax ``CausalLM``, vocabulary 64), ``input_ids`` / ``mask`` /
-    ``delta`` (a batch for it and a shift of its final hidden state), ``train_rows`` (64 rows of
-    16 tokens) and ``query_rows`` (3), ``input_ids_np`` (NumPy token ids).
+    * ``model``: the 2-block stride-jax ``CausalLM`` of ``path/to/hf_dir`` (vocabulary 300);
+      ``input_ids`` / ``mask`` / ``delta``: a batch for it and a shift of its final hidden state;
+    * ``train_rows`` (64 rows of 16 tokens), ``query_rows`` (3): ``TokenizedSet`` for ``model``;
+    * ``config``: a small, fast ``AttributeConfig``;
+    * ``my_nnx_model``: a user's own Flax NNX LM (``examples/own_model.py``'s ``TinyLM``:
+      ``embed``, ``run(h, start, stop)`` over 3 blocks, ``norm``, ``out``; vocabulary 64);
+      ``train_ids`` (int ``[64, 16]``), ``query_ids`` (``[3, 16]``) and ``answer_mask`` (the
+      last 6 tokens of each query) for it.
     """
     import jax.numpy as jnp
     import numpy as np
 
+    from stride_jax import AttributeConfig, with_overrides
     from stride_jax.model.hf import from_hf
     from _tiny import random_rows
     model = from_hf(cwd / "path" / "to" / "hf_dir")
+    V = model.config.vocab_size
     rng = np.random.default_rng(0)
-    input_ids_np = rng.integers(0, 64, (2, 16)).astype(np.int32)
+    answer_mask = np.zeros((3, 16), np.int32)
+    answer_mask[:, -6:] = 1
     return {
         "model": model,
-        "input_ids": jnp.asarray(input_ids_np),
-        "input_ids_np": input_ids_np,
+        "input_ids": jnp.asarray(rng.integers(0, V, (2, 16)).astype(np.int32)),
         "mask": jnp.ones((2, 16), jnp.int32),
         "delta": jnp.full((16,), 0.01),
-        "train_rows": random_rows(64, 16, 64, 1, "t"),
-        "query_rows": random_rows(3, 16, 64, 2, "q"),
+        "train_rows": random_rows(64, 16, V, 1, "t"),
+        "query_rows": random_rows(3, 16, V, 2, "q"),
+        "config": with_overrides(
+            AttributeConfig(), "design.num_subsets=16", "design.per_example=3",
+            "steering.rank=4", "train.epochs=1", "train.subsets_per_step=16",
+            "solve.estimator=ridge", "token_queries=1"),
+        "my_nnx_model": _example("own_model").TinyLM(vocab=64, width=32, depth=3, seed=0),
+        "train_ids": rng.integers(0, 64, (64, 16)),
+        "query_ids": rng.integers(0, 64, (3, 16)),
+        "answer_mask": answer_mask,
     }
+
+
+def _example(name: str):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"readme_example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.mark.parametrize("name,code", SNIPPETS, ids=[n for n, _ in SNIPPETS])
