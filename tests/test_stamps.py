@@ -155,3 +155,12 @@ def test_params_fingerprint_sees_every_value():
     assert params_fingerprint({"w": a}) != params_fingerprint({"w": b})
     assert params_fingerprint({"w": a}) == params_fingerprint({"w": a.copy()})
     assert params_fingerprint({"w": a}) != params_fingerprint({"v": a})
+
+
+def test_a_damaged_stamp_is_a_one_line_error_and_overwrite_replaces_it(tmp_path):
+    from stride_jax.io.stamps import open_stage
+    open_stage(tmp_path / "s", "design", {"a": 1})
+    (tmp_path / "s" / "stamp.json").write_text("{not json")
+    with pytest.raises(StaleArtifactError, match="is not a stage stamp"):
+        open_stage(tmp_path / "s", "design", {"a": 1})
+    assert open_stage(tmp_path / "s", "design", {"a": 1}, overwrite=True) is False

@@ -201,5 +201,10 @@ def load_groundtruth(directory: str | Path) -> GroundTruth:
         raise FileNotFoundError(f"{d} is not a finished ground-truth directory (missing "
                                 f"{', '.join(missing)}); run `stride-jax groundtruth` into it "
                                 f"(it resumes an unfinished one)")
-    return GroundTruth(load_npy(d / "masks.npy"), load_npy(d / "losses.npy"),
-                       json.loads((d / "groundtruth.json").read_text()))
+    fix = "rerun `stride-jax groundtruth` into it (it resumes an unfinished one)"
+    try:
+        info = json.loads((d / "groundtruth.json").read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{d / 'groundtruth.json'} is not valid JSON ({e}); {fix}") from None
+    return GroundTruth(load_npy(d / "masks.npy", hint=fix), load_npy(d / "losses.npy", hint=fix),
+                       info)

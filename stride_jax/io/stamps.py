@@ -50,7 +50,15 @@ def open_stage(directory: str | Path, stage: str, payload: Mapping[str, Any], *,
     payload = _canonical(payload)
     path = directory / STAMP
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except ValueError as e:   # stamps are written atomically: only tampering gets here
+            if not overwrite:
+                raise StaleArtifactError(f"{path} is not a stage stamp ({e}); use another output "
+                                         f"directory, or --overwrite to replace the stage") from None
+            old = {}
         if old.get("payload") == payload and old.get("stage") == stage:
             done = bool(old.get("complete"))
             log.info("%s the %s '%s' stage in %s (stamp %s)",
