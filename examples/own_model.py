@@ -42,8 +42,7 @@ def main(rows: int = 256, out: str | None = None, overrides: tuple[str, ...] = (
     rng = np.random.default_rng(0)                                  # your token rows here
     train = TokenizedSet.from_arrays(rng.integers(0, 64, (rows, 16)))
     queries = TokenizedSet.from_arrays(rng.integers(0, 64, (4, 16)), ids=["a", "b", "c", "d"])
-    config = with_overrides(AttributeConfig(), "train.epochs=2", "design.per_example=8",
-                            *overrides)
+    config = with_overrides(AttributeConfig(), *overrides)         # closed-form operators
     att = Attributor(lm, train, config, workdir=out, progress=False)
     result = att.attribute(queries)                                 # scores [4, rows]
     if out is not None:

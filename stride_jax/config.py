@@ -22,7 +22,10 @@ Loading is strict, because a typo silently falling back to a default wastes a ru
 * values are checked against the field annotations (``int``, ``float`` (ints widen), ``bool``
   (real booleans only), ``str``, ``pathlib.Path`` (from a string), ``X | None``,
   ``Literal[...]``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``, ``dict[K, V]``, nested
-  dataclasses, ``Any``), and missing required fields are reported together.
+  dataclasses, ``Any``), and missing required fields are reported together;
+* every numeric setting is range-checked by its dataclass's ``__post_init__`` through
+  :func:`check_ranges` (so Python users get the same checks), and the error names the dotted key,
+  the value, the valid range and, where it helps, the fix.
 
 YAML is read with a safe loader that follows YAML 1.2 for scalars: ``1e-3`` is a float (PyYAML's
 YAML 1.1 default would make it a string), only ``true``/``false`` are booleans (``yes``, ``no``,
@@ -38,6 +41,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -52,8 +56,11 @@ from stride_jax.errors import ConfigError
 from stride_jax.io.atomic import atomic_write_text
 
 __all__ = [
+    "SEED_RANGE",
     "ConfigError",
+    "ConfigValueError",
     "apply_overrides",
+    "check_ranges",
     "config_fingerprint",
     "dump_config",
     "field_help",
@@ -68,6 +75,67 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class ConfigValueError(ConfigError):
+    """Settings out of their valid range: ``problems`` holds ``(field, value, requirement)``.
+
+    Raised by a config dataclass's ``__post_init__``; :func:`from_dict` re-raises it with the
+    dotted key of each field (``train.epochs=0 must be >= 1``). Constructed directly in Python,
+    the message names the dataclass instead (``OperatorTrainConfig.epochs=0 must be >= 1``).
+    """
+
+    def __init__(self, owner: str, problems: Sequence[tuple[str, Any, str]]):
+        self.owner, self.problems = owner, list(problems)
+        super().__init__(self.format(f"{owner}."))
+
+    def format(self, prefix: str) -> str:
+        return "; ".join(f"{prefix}{name}={value!r} {req}" for name, value, req in self.problems)
+
+
+# Seeds become JAX keys, which keep only the low 32 bits (2**32 would be seed 0 again).
+SEED_RANGE = "in [0, 4294967295]"
+_SPEC_RE = re.compile(r"^(>=|>)\s*(\S+)$|^in\s*([\[(])\s*([^,]+?)\s*,\s*([^\])]+?)\s*([\])])$")
+
+
+def _satisfies(value: Any, spec: str) -> bool:
+    m = _SPEC_RE.match(spec.strip())
+    if m is None:
+        raise ValueError(f"bad range spec {spec!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if m.group(1):
+        bound = float(m.group(2))
+        return value >= bound if m.group(1) == ">=" else value > bound
+    lo, hi = float(m.group(4)), float(m.group(5))
+    return ((value >= lo) if m.group(3) == "[" else (value > lo)) and \
+        ((value <= hi) if m.group(6) == "]" else (value < hi))
+
+
+def check_ranges(cfg: Any, ranges: Mapping[str, str], *, fixes: Mapping[str, str] | None = None,
+                 extra: Sequence[tuple[str, Any, str]] = ()) -> None:
+    """Raise :class:`ConfigValueError` for every field of ``cfg`` outside its range.
+
+    ``ranges`` maps a field to ``">= 1"``, ``"> 0"`` or an interval such as ``"in [0, 1)"``; a
+    ``None`` value passes (an optional field left automatic), a float must be finite. ``fixes``
+    adds a hint per field; ``extra`` are further ``(field, value, requirement)`` problems found by
+    the caller (cross-field checks), reported in the same error.
+    """
+    problems = []
+    for name, spec in ranges.items():
+        value = getattr(cfg, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue   # the type itself is checked by the loader
+        if not _satisfies(value, spec):
+            text = spec.strip()
+            req = f"must lie {text}" if text.startswith("in") else f"must be {text}"
+            if isinstance(value, float) and not math.isfinite(value):
+                req = f"must be a finite number {text}"
+            fix = (fixes or {}).get(name)
+            problems.append((name, value, f"{req}; {fix}" if fix else req))
+    problems += list(extra)
+    if problems:
+        raise ConfigValueError(type(cfg).__name__, problems)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +442,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigValueError):
+            raise ConfigError(e.format(prefix)) from None
         if isinstance(e, ConfigError):
             raise
         # __post_init__ validation: attach where the failing config lives.
@@ -483,6 +553,9 @@ def load_config(
     data: Any = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory, not a config file; pass a YAML file such "
+                              f"as configs/attribute_default.yaml (CLI: --config)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}; check the path (CLI: --config)")
         try:

@@ -34,6 +34,8 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteLossError",
     "NonFiniteOperatorLossError",
+    "OutputLockedError",
+    "OutputPathError",
     "SafetensorsError",
     "StaleArtifactError",
     "StrideError",
@@ -89,6 +91,14 @@ class StaleArtifactError(StrideError):
 
 class CheckpointMismatchError(StrideError):
     """An operator checkpoint was made by another run."""
+
+
+class OutputPathError(ConfigError):
+    """An output path that cannot be written; the message says why and what to pass instead."""
+
+
+class OutputLockedError(StrideError):
+    """Another live process holds the output directory."""
 
 
 class DiskFullError(StrideError, OSError):

@@ -13,7 +13,9 @@ no pad token the eos id is used as filler.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,18 +32,25 @@ __all__ = [
     "RowTexts",
     "SpecialIds",
     "as_backend",
+    "check_model_tokenizer",
     "check_vocab_matches",
     "load_tokenizer",
     "row_texts",
     "save_tokenizer",
     "special_ids",
+    "tokenizer_fingerprint",
     "train_bpe",
     "vocab_size_of",
 ]
 
+log = logging.getLogger(__name__)
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
+# Written next to a model by stride-jax (to_hf): the fingerprint of the tokenizer it was trained
+# with, so a model directory without its tokenizer.json can still tell a foreign one.
+MODEL_STAMP_FILE = "stride_jax.json"
 
 
 def train_bpe(
@@ -132,6 +141,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer:
             f"directory containing one"
         )
     try:
+        with open(file, "rb") as f:
+            bom = f.read(3) == b"\xef\xbb\xbf"
+        if bom:   # a byte order mark (an editor's): the JSON after it is fine
+            return tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8-sig"))
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
         raise DataError(
@@ -214,6 +227,66 @@ def check_vocab_matches(tok: Any, vocab_size: int) -> None:
             f"tokenizer saved with the model (its tokenizer.json), not one trained or downloaded "
             f"separately"
         )
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 (16 hex digits) of what decides the ids: the tokenizer's serialisation (model,
+    vocabulary, merges, added tokens, normaliser, pre-tokeniser), padding/truncation excluded."""
+    data = json.loads(as_backend(tok).to_str())
+    data.pop("padding", None)
+    data.pop("truncation", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_tokenizer(model_dir: Path) -> tuple[str | None, str | None, Any]:
+    """(fingerprint, where it comes from, the tokenizer if its file is there) of the tokenizer
+    saved with the model in ``model_dir``; (None, None, None) when the directory has neither."""
+    own = model_dir / TOKENIZER_FILE
+    if own.is_file():
+        tok = load_tokenizer(own)
+        return tokenizer_fingerprint(tok), str(own), tok
+    try:
+        stamp = json.loads((model_dir / MODEL_STAMP_FILE).read_text(encoding="utf-8-sig"))
+        return str(stamp["tokenizer_fingerprint"]), str(model_dir / MODEL_STAMP_FILE), None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None, None
+
+
+def check_model_tokenizer(tok: Any, model_dir: str | os.PathLike[str], *, source: str,
+                          force: bool = False) -> None:
+    """Refuse a tokenizer that is not the one the model in ``model_dir`` was trained with.
+
+    A model only understands the ids of its own tokenizer: another one of the same (or a
+    smaller) vocabulary size runs without error and gives wrong losses and scores. ``tok`` is
+    compared with the model directory's ``tokenizer.json``, or else with the fingerprint
+    stride-jax stored with the model (``stride_jax.json``); a mismatch raises :class:`ModelError`
+    naming both (``source`` is where ``tok`` came from), unless ``force`` (then a warning). A
+    model directory with neither cannot be checked (a warning says so).
+    """
+    model_dir = Path(model_dir)
+    theirs, where, their_tok = _model_tokenizer(model_dir)
+    if theirs is None:
+        log.warning("cannot check that the tokenizer %s belongs to the model: %s has no %s; the "
+                    "base loss on the queries is the only check left", source, model_dir,
+                    TOKENIZER_FILE)
+        return
+    if tokenizer_fingerprint(tok) == theirs:
+        return
+    detail = ""
+    if their_tok is not None:
+        a = as_backend(tok).get_vocab(with_added_tokens=True)
+        b = as_backend(their_tok).get_vocab(with_added_tokens=True)
+        differ = sum(1 for t, i in a.items() if b.get(t) != i)
+        detail = (f": {differ} of its {len(a)} tokens have another id or none in the model's "
+                  f"{len(b)}" if differ else ": same vocabulary, other rules (merges, "
+                  "normalisation or pre-tokenisation)")
+    msg = f"the tokenizer {source} is not the one the model was trained with ({where}){detail}"
+    if force:
+        log.warning("%s; using it anyway (--force-tokenizer)", msg)
+        return
+    raise ModelError(f"{msg}; a model only understands the ids of its own tokenizer: omit "
+                     f"--tokenizer to use the model's, or pass --force-tokenizer if you know "
+                     f"the two encode alike")
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -111,9 +111,10 @@ def test_every_error_class_is_a_stride_error():
     from stride_jax.io.atomic import DiskFullError
     from stride_jax.io.stamps import StaleArtifactError
     from stride_jax.model.hf import HFConfigError, HFWeightsError
+    from stride_jax.io.outdir import OutputLockedError, OutputPathError
     from stride_jax.train import NonFiniteOperatorLossError
     for cls in (ConfigError, DataError, DiskFullError, StaleArtifactError, HFConfigError,
-                HFWeightsError, NonFiniteOperatorLossError):
+                HFWeightsError, NonFiniteOperatorLossError, OutputPathError, OutputLockedError):
         assert issubclass(cls, errors.StrideError) and issubclass(cls, ValueError), cls
     assert issubclass(DiskFullError, OSError)
     assert issubclass(NonFiniteOperatorLossError, FloatingPointError)
@@ -192,9 +193,10 @@ def _wrap(model, layer: int = 1, **kw):
 
 
 def _fast():
+    """Trained operators (a custom measurement needs them), tiny and fast."""
     from stride_jax import AttributeConfig, with_overrides
     return with_overrides(
-        AttributeConfig(), "design.num_subsets=16", "design.per_example=3", "steering.rank=4",
+        AttributeConfig(), "operators=trained", "design.num_subsets=16", "design.per_example=3", "steering.rank=4",
         "steering.layer=1", "train.epochs=1", "train.subsets_per_step=16",
         "train.rows_per_subset=2", "train.stability_rows=2", "train.tokens_per_row=4",
         "solve.estimator=lasso", "solve.lam=0.001", "token_queries=2", "topk=3")
@@ -344,3 +346,71 @@ def test_a_custom_measurement_is_stamped_and_reuses_the_operators(nnx_lm, run, t
                                                                        "sum_logprob_change"]
     att.write(total, queries, tmp_path)
     assert (tmp_path / "topk.jsonl").is_file() and not (tmp_path / "tokens.json").exists()
+
+
+def test_a_trained_run_records_each_querys_estimator_and_penalty(nnx_lm, run):
+    work, _, result = run
+    assert list(result.estimator_q) == ["lasso"] * 3          # solve.estimator=lasso
+    np.testing.assert_allclose(result.lam_q, 0.001)
+    back = Attribution.load(work)
+    assert list(back.estimator_q) == ["lasso"] * 3
+    np.testing.assert_array_equal(back.lam_q, result.lam_q)
+    np.testing.assert_array_equal(back.intercept_q, result.intercept_q)
+    rec = json.loads((work / "topk.jsonl").read_text().splitlines()[0])
+    assert rec["estimator"] == "lasso" and rec["lambda"] == pytest.approx(0.001)
+
+
+# --------------------------------------------------------------------------- closed-form operators
+def test_a_closed_form_run_writes_and_reloads_without_a_penalty(nnx_lm, tmp_path):
+    """The default operators have no regression: no responses over subsets (y [Q, 0]), no
+    penalty, no intercept. The run directory says so (estimator 'closed_form', no lambda) rather
+    than holding NaN, and every file reads back."""
+    from stride_jax import AttributeConfig, Attributor, with_overrides
+    _, lm, train, queries = nnx_lm
+    att = Attributor(lm, train, with_overrides(AttributeConfig(), "token_queries=1", "topk=3"),
+                     workdir=tmp_path, progress=False)
+    result = att.attribute(queries)
+    assert result.y_qk.shape == (3, 0) and result.lam_q is None and result.intercept_q is None
+    assert list(result.estimator_q) == ["closed_form"] * 3
+    att.write(result, queries, self_influence=True)
+    with np.load(tmp_path / "per_query.npz") as z:
+        assert sorted(z.files) == ["base_loss", "estimator", "y"]
+        assert z["y"].shape == (3, 0) and np.isfinite(z["base_loss"]).all()
+    back = Attribution.load(tmp_path)
+    np.testing.assert_array_equal(back.scores_qn, result.scores_qn)
+    assert back.y_qk.shape == (3, 0) and back.lam_q is None and back.intercept_q is None
+    assert list(back.estimator_q) == ["closed_form"] * 3
+    for line in (tmp_path / "topk.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["estimator"] == "closed_form" and "lambda" not in rec
+    assert (tmp_path / "tokens.json").is_file() and (tmp_path / "selfinf.json").is_file()
+
+
+def test_a_custom_measurement_needs_trained_operators(nnx_lm):
+    from stride_jax import AttributeConfig, Attributor, ConfigError, sum_logprob_change
+    _, lm, train, _ = nnx_lm
+    with pytest.raises(ConfigError, match="a custom measurement needs operators=trained"):
+        Attributor(lm, train, AttributeConfig(), measurement=sum_logprob_change)
+
+
+def test_a_nan_penalty_never_reaches_the_run_directory(tmp_path):
+    """Every per-query array is checked before any file is written."""
+    from stride_jax import NonFiniteError
+    res = _result()._replace(lam_q=np.array([0.1, np.nan, 0.2]))
+    with pytest.raises(NonFiniteError, match="1 lambda value\\(s\\) are NaN or infinite "
+                                             "\\(first: query 'q1'\\)"):
+        res.write(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rewrite_leaves_no_file_of_the_earlier_result(tmp_path):
+    """A top-k result written over a dense one (or a result without per-query arrays over one
+    with them) must not be read back together with the earlier files."""
+    res = _result()
+    res.write(tmp_path)
+    sparse = Attribution(None, res.query_ids, res.train_ids,
+                         top_scores=TopScores.from_dense(res.scores_qn, 2))
+    sparse.write(tmp_path, k=2)
+    assert not (tmp_path / "scores.npy").exists() and not (tmp_path / "per_query.npz").exists()
+    back = Attribution.load(tmp_path)
+    assert back.scores_qn is None and back.lam_q is None and back.top(0, 2) == res.top(0, 2)

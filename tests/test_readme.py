@@ -65,9 +65,9 @@ def files(tmp_path_factory):
                                   max_position_embeddings=32), seed=0)
     to_hf(model, root / "path" / "to" / "hf_dir", tokenizer=tok)
     rng = np.random.default_rng(0)
-    Attribution(rng.normal(size=(2, 5)).astype(np.float32), ["q0", "q1"],
-                [f"t{i}" for i in range(5)], rng.normal(size=(2, 4)), rng.random(2),
-                rng.random(2), rng.normal(size=2)).write(root / "runs" / "x")
+    Attribution(rng.normal(size=(2, 5)).astype(np.float32), ["q0", "q1"],   # closed form
+                [f"t{i}" for i in range(5)], np.zeros((2, 0)), rng.random(2),
+                estimator_q=np.full(2, "closed_form")).write(root / "runs" / "x")
     return root
 
 
@@ -81,7 +81,8 @@ def prelude(cwd: Path) -> dict:
     * ``model``: the 2-block stride-jax ``CausalLM`` of ``path/to/hf_dir`` (vocabulary 300);
       ``input_ids`` / ``mask`` / ``delta``: a batch for it and a shift of its final hidden state;
     * ``train_rows`` (64 rows of 16 tokens), ``query_rows`` (3): ``TokenizedSet`` for ``model``;
-    * ``config``: a small, fast ``AttributeConfig``;
+    * ``config``: a small, fast ``AttributeConfig`` (closed-form operators; its design, train
+      and solve settings keep ``operators=trained`` fast too);
     * ``my_nnx_model``: a user's own Flax NNX LM (``examples/own_model.py``'s ``TinyLM``:
       ``embed``, ``run(h, start, stop)`` over 3 blocks, ``norm``, ``out``; vocabulary 64);
       ``train_ids`` (int ``[64, 16]``), ``query_ids`` (``[3, 16]``) and ``answer_mask`` (the

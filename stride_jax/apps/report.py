@@ -915,13 +915,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *,
     Returns the path written (atomically: a reader never sees half a page).
     """
     from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.io.outdir import check_output_file
 
+    target = Path(out) if out is not None else Path(run_dir) / "report.html"
+    if out is not None or Path(run_dir).is_dir():   # else load_run says what is wrong
+        check_output_file(target, example="report.html")   # before any work
     run = load_run(run_dir, max_queries=max_queries)
     lds = load_lds_results(lds_results) if lds_results is not None else None
-    target = Path(out) if out is not None else run.run_dir / "report.html"
-    if target.is_dir():
-        raise DataError(f"--out {target} is a directory; pass a file name such as "
-                        f"{target / 'report.html'}")
     if not target.parent.is_dir():
         raise FileNotFoundError(f"no directory {target.parent} to write {target.name} into; "
                                 f"create it or pass another --out")

@@ -137,6 +137,8 @@ def load_run(run_dir) -> tuple[np.ndarray, list[str], list[str], dict[str, str]]
     some query ranked among its top proponents or opponents; empty without the file).
     Missing or inconsistent files raise one-line ``FileNotFoundError`` / ``DataError``.
     """
+    if Path(run_dir).is_file():   # Attribution.load would take it for a scores file
+        raise DataError(f"{run_dir} is a file, not a run directory; {_RUN_HINT}")
     run = Attribution.load(run_dir, hint=_RUN_HINT)
     if run.scores_qn is None:
         raise DataError(f"{run_dir} kept only each query's top scores (scores=topk); selection "
@@ -151,9 +153,11 @@ def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[
     aggregate) and ``text`` where ``topk.jsonl`` has it. ``out`` defaults to
     ``run_dir/selected.jsonl``. Returns the records and the path written.
     """
-    import json
-
-    from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.io.atomic import atomic_write_text, json_text
+    from stride_jax.io.outdir import check_output_file
+    path = Path(out) if out is not None else Path(run_dir) / "selected.jsonl"
+    if out is not None or Path(run_dir).is_dir():   # else load_run says what is wrong
+        check_output_file(path, example="selected.jsonl")   # before any work
     scores, _, pool_ids, texts = load_run(run_dir)
     values = aggregate(scores, how)
     n = len(pool_ids)
@@ -167,6 +171,6 @@ def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[
         if pool_ids[i] in texts:
             rec["text"] = texts[pool_ids[i]]
         recs.append(rec)
-    path = Path(out) if out is not None else Path(run_dir) / "selected.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    atomic_write_text(path, "".join(json_text(r, what=str(path), ensure_ascii=False) + "\n"
+                                    for r in recs))
     return recs, path

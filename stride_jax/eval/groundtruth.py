@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from stride_jax.config import option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.errors import ConfigError, DataError, ModelError, NonFiniteError
-from stride_jax.io.atomic import atomic_write_text, load_npy, save_npy
+from stride_jax.io.atomic import load_npy, save_npy, write_json
 from stride_jax.io.stamps import complete_stage, open_stage
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,14 @@ class GroundTruthConfig:
     alpha: float = option(0.3, "fraction of the training set in each subset (paper: 0.3)")
     parallel: int = option(8, "retrains run at once (vmapped model copies); memory grows with it")
     seed: int = option(0, "seed of the subset draws (retrains reuse the attributed model's seed)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"num_subsets": ">= 3", "alpha": "in (0, 1)", "parallel": ">= 1",
+                            "seed": SEED_RANGE},
+                     fixes={"num_subsets": "a rank correlation needs a few retrains (paper: "
+                                           "256)",
+                            "alpha": "the fraction of the training set in each subset (paper: "
+                                     "0.3)"})
 
 
 class GroundTruth(NamedTuple):
@@ -188,7 +196,7 @@ def run_groundtruth(retrain: RetrainFn, *, n: int, num_queries: int, cfg: Ground
     if out is not None:
         save_npy(out / "masks.npy", masks)
         save_npy(out / "losses.npy", losses)
-        atomic_write_text(out / "groundtruth.json", json.dumps(info, indent=1, default=str) + "\n")
+        write_json(out / "groundtruth.json", info, indent=1, default=str)
         complete_stage(out, "groundtruth", payload)
     return GroundTruth(masks, losses, info)
 
@@ -196,6 +204,9 @@ def run_groundtruth(retrain: RetrainFn, *, n: int, num_queries: int, cfg: Ground
 def load_groundtruth(directory: str | Path) -> GroundTruth:
     """A finished ground-truth directory (see the module docstring)."""
     d = Path(directory)
+    if d.is_file():
+        raise FileNotFoundError(f"{d} is a file, not a ground-truth directory; pass the --out "
+                                f"directory of `stride-jax groundtruth`")
     missing = [f for f in ("masks.npy", "losses.npy", "groundtruth.json") if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{d} is not a finished ground-truth directory (missing "

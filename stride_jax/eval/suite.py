@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from stride_jax.attributor import AttributeConfig, Attributor
-from stride_jax.config import option
+from stride_jax.config import SEED_RANGE, check_ranges, option
 from stride_jax.errors import ConfigError
 from stride_jax.eval.groundtruth import GroundTruthConfig
 from stride_jax.steering import LMFunctions, from_causal_lm, resolve_layer
@@ -41,6 +41,11 @@ class BaselineConfig:
     chunk: int = option(32, "examples per per-example-gradient chunk")
     repsim_layer: Literal["final", "reader"] = option("final", "hidden state compared by repsim")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"trak_dim": ">= 1", "logra_rank": ">= 1", "damping": "> 0",
+                            "damping_fraction": "> 0", "chunk": ">= 1"},
+                     fixes={"damping": "or null: damping_fraction x the mean eigenvalue"})
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
@@ -54,6 +59,9 @@ class TaskConfig:
     stride: AttributeConfig = option(AttributeConfig(), "STRIDE's configuration on this task")
     baselines: BaselineConfig = option(BaselineConfig(), "the baselines' settings")
     seed: int = option(0, "seed of the methods' randomness (projections)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"seed": SEED_RANGE})
 
 
 def build_task(cfg: TaskConfig) -> Task:

@@ -26,6 +26,9 @@ from stride_jax.errors import StaleArtifactError
 from stride_jax.io.atomic import atomic_write_text, is_writer
 
 STAMP = "stamp.json"
+# The lock of the command using a directory (stride_jax.io.outdir); replacing a stage that is
+# itself an output directory (the ground truth's) must not remove it from under its holder.
+LOCK_FILE = ".stride-jax.lock"
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +42,25 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def _canonical(payload: Mapping[str, Any]) -> Any:
+def canonical_payload(payload: Mapping[str, Any]) -> Any:
+    """``payload`` as it reads back from its JSON (tuples as lists, paths as strings)."""
     return json.loads(json.dumps(payload, sort_keys=True, default=str))
+
+
+def describe_changes(old: Any, new: Any, limit: int = 6) -> str:
+    """``key: old -> new, ...`` for the dotted keys that differ between two payloads."""
+    a, b = _flatten(old or {}), _flatten(new or {})
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit])
+    more = f" (and {len(changed) - limit} more)" if len(changed) > limit else ""
+    return shown + more
 
 
 def open_stage(directory: str | Path, stage: str, payload: Mapping[str, Any], *,
                overwrite: bool = False) -> bool:
     """Prepare ``directory`` for ``stage``; return True when a complete matching artifact exists."""
     directory = Path(directory)
-    payload = _canonical(payload)
+    payload = canonical_payload(payload)
     path = directory / STAMP
     if path.is_file():
         try:
@@ -66,15 +79,18 @@ def open_stage(directory: str | Path, stage: str, payload: Mapping[str, Any], *,
                      stage, directory, stamp_hash(payload))
             return done
         if not overwrite:
-            a, b = _flatten(old.get("payload", {})), _flatten(payload)
-            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:6])
-            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
             raise StaleArtifactError(
                 f"{directory} holds the '{old.get('stage')}' stage made with other arguments or "
-                f"inputs ({shown}{more}); use another output directory, or --overwrite to replace it")
+                f"inputs ({describe_changes(old.get('payload', {}), payload)}); use another "
+                f"output directory, or --overwrite to replace it")
         if is_writer():
-            shutil.rmtree(directory)
+            for entry in directory.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"stage": stage, "payload": payload, "complete": False},
                                        indent=1))
@@ -84,12 +100,12 @@ def open_stage(directory: str | Path, stage: str, payload: Mapping[str, Any], *,
 
 def complete_stage(directory: str | Path, stage: str, payload: Mapping[str, Any]) -> None:
     atomic_write_text(Path(directory) / STAMP, json.dumps(
-        {"stage": stage, "payload": _canonical(payload), "complete": True}, indent=1))
+        {"stage": stage, "payload": canonical_payload(payload), "complete": True}, indent=1))
 
 
 def stamp_hash(payload: Mapping[str, Any]) -> str:
     """Short hash (8 hex digits) of a stamp's payload, for log lines."""
-    return hashlib.sha256(json.dumps(_canonical(payload), sort_keys=True).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(canonical_payload(payload), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _update(h: Any, a: np.ndarray) -> None:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
 from stride_jax.data import TokenizedSet
 from stride_jax.errors import ConfigError, DataError
 from stride_jax.measure._measurement import (Measurement, MeasureInputs, as_measurement,
@@ -43,6 +43,9 @@ class MeasureConfig:
 
     query_batch: int = option(16, "queries per base-model forward pass")
     subset_chunk: int = option(64, "operators applied at once")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"query_batch": ">= 1", "subset_chunk": ">= 1"})
 
 
 class Responses(NamedTuple):
@@ -163,5 +166,27 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
     return Responses(y, base_loss, y_tok, base_lp)
 
 
+def implausible_base_loss(base_loss_q: np.ndarray, vocab_size: int, *,
+                          ratio: float = 0.9) -> str | None:
+    """A warning when the base model barely predicts the queries, else None.
+
+    A model that knows nothing scores ``ln V`` nats per token (a uniform guess over its ``V``-token
+    vocabulary). A mean base loss of at least ``ratio * ln V`` means the model does not model the
+    queries: a tokenizer from another model (its ids mean other tokens to this one), or text
+    far from what the model was trained on. Attribution of a loss the model cannot lower is
+    noise, so this is worth a warning even when every file is well formed.
+    """
+    loss = float(np.mean(base_loss_q))
+    uniform = float(np.log(max(vocab_size, 2)))
+    if not loss >= ratio * uniform:
+        return None
+    return (f"the base model's mean loss on the queries is {loss:.2f} nats per token, "
+            f"{'above' if loss > uniform else 'close to'} ln(V) = {uniform:.2f} of a uniform guess "
+            f"over its {vocab_size}-token vocabulary: the model barely predicts these queries. "
+            f"Check that the tokenizer is the model's own and that the queries are text like "
+            f"its training data; attribution of a loss the model cannot lower is noise")
+
+
 __all__ = ["MeasureConfig", "MeasureInputs", "Measurement", "Responses", "as_measurement",
-           "mean_logprob_change", "measure_responses", "sum_logprob_change"]
+           "implausible_base_loss", "mean_logprob_change", "measure_responses",
+           "sum_logprob_change"]

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
 from stride_jax.errors import ConfigError
 from stride_jax.io.atomic import is_writer  # the one rule: process 0 logs and writes
 
@@ -91,6 +91,22 @@ class ParallelConfig:
         if self.model not in ("auto", "replicate", "fsdp"):
             raise ConfigError(f"parallel.model must be 'auto', 'replicate' or 'fsdp', got "
                               f"{self.model!r}")
+        extra = []
+        if (self.num_processes is not None and self.process_id is not None
+                and self.process_id >= self.num_processes >= 1):
+            extra.append(("process_id", self.process_id,
+                          f"must be below num_processes={self.num_processes} (ranks count from 0)"))
+        check_ranges(self, {"devices": ">= 0", "num_processes": ">= 1", "process_id": ">= 0",
+                            "fsdp_min_size": ">= 0", "solver_devices": ">= 0"},
+                     fixes={"devices": "0 uses all devices",
+                            "solver_devices": "0 uses all local devices"}, extra=extra)
+
+
+def indivisible(devices: int, value: int) -> str:
+    """What to say of a size of the subset axis (``value``) that ``devices`` do not divide."""
+    return (f"not divisible by the {devices} devices of parallel.devices: the subset axis is "
+            f"split evenly over devices; use a multiple of {devices} (e.g. "
+            f"{devices * max(1, value // devices)}) or change parallel.devices")
 
 
 def _env_int(name: str) -> int | None:
@@ -162,11 +178,7 @@ class SubsetMesh:
         bad = {k: v for k, v in sizes.items() if v % self.size}
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise ConfigError(
-                f"{shown} not divisible by the {self.size} devices of parallel.devices: the "
-                f"subset axis is split evenly over devices; use a multiple of {self.size} "
-                f"(e.g. {self.size * max(1, min(bad.values()) // self.size)}) or change "
-                f"parallel.devices")
+            raise ConfigError(f"{shown} {indivisible(self.size, min(bad.values()))}")
 
     def shard(self, x: Any) -> Any:
         """Place a pytree with its leading (subset) axis split over the devices."""

@@ -66,6 +66,10 @@ class SolveConfig:
               "Gram M_c M_c^T")
     ridge_ratio_max: float = option(
         1e3, "largest ridge alpha as a multiple of the mean eigenvalue of the centred subset Gram")
+    ridge_refine: bool = option(
+        True, "refine each query's cross-validated ridge alpha between its neighbouring grid "
+              "points (golden-section search on the CV error), so alpha and the scores move "
+              "continuously with the responses instead of jumping a grid step on rounding")
     fit_intercept: bool = option(
         True, "fit an unpenalised per-query intercept (absorbs a shift shared by all operators)")
     max_iter: int = option(2000, "most proximal-gradient iterations per query and solve")
@@ -177,9 +181,9 @@ def solve(design: Design, y_qk: Any, cfg: SolveConfig = SolveConfig(), *,
                                        ratio_min=cfg.ridge_ratio_min,
                                        ratio_max=cfg.ridge_ratio_max,
                                        fit_intercept=cfg.fit_intercept,
-                                       query_chunk=cfg.query_chunk)
+                                       query_chunk=cfg.query_chunk, refine=cfg.ridge_refine)
             alpha_q = rcv.alpha_q
-            ridge_err = rcv.cv_error_aq[rcv.best_index_q, np.arange(Q)]
+            ridge_err = rcv.cv_error_q
             info.update(ridge_alphas_a=rcv.alphas_a, ridge_cv_error_aq=rcv.cv_error_aq,
                         ridge_best_index_q=rcv.best_index_q, cv_error_ridge_q=ridge_err,
                         alpha_q=rcv.alpha_q)

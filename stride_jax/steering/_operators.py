@@ -31,7 +31,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
 from stride_jax.errors import ConfigError
 
 Site = Literal["logits", "final_hidden", "residual"]
@@ -51,6 +51,11 @@ class SteeringConfig:
                                                        "best) or a one-hidden-layer MLP")
     mlp_hidden: int = option(64, "hidden width of the MLP basis")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"layer": ">= 0", "rank": ">= 1", "mlp_hidden": ">= 1"},
+                     fixes={"rank": "set a positive rank (default 32, paper 16)",
+                            "layer": "or null for ~2/3 depth"})
+
 
 def default_layer(num_layers: int) -> int:
     """About two thirds of the depth (the paper's choice), as a 0-based block index."""
@@ -66,17 +71,13 @@ def resolve_layer(cfg: SteeringConfig, num_layers: int) -> int:
 
 
 def validate(cfg: SteeringConfig) -> None:
-    if cfg.rank < 1:
-        raise ConfigError(f"steering.rank={cfg.rank} must be >= 1; set a positive rank "
-                          f"(default 32, paper 16)")
-    if cfg.basis == "mlp" and cfg.mlp_hidden < 1:
-        raise ConfigError(f"steering.mlp_hidden={cfg.mlp_hidden} must be >= 1")
+    """Check ``cfg`` (the checks run when a config is made; kept for callers)."""
+    cfg.__post_init__()
 
 
 def init_steering(cfg: SteeringConfig, *, d_reader: int, d_out: int, num_subsets: int,
                   key: jax.Array) -> dict:
     """Basis with variance-preserving random weights; coefficients zero (= the base model)."""
-    validate(cfg)
     if num_subsets < 1:
         raise ConfigError("num_subsets must be >= 1")
     k1, k2 = jax.random.split(key)

@@ -430,15 +430,43 @@ def _floyd_chunk(key: jax.Array, ids: jax.Array, *, num_subsets: int, d: int) ->
     return jnp.sort(chosen, axis=1)
 
 
+def fill_empty_subsets(design: Design) -> Design:
+    """``design`` with every empty subset given one member, moved out of the largest subset.
+
+    For a small n a random design leaves some subsets empty (probability ``(1 - d/K)^n`` each
+    for the expander), and an operator trained on no example is meaningless. Moving a membership
+    from the largest subset (ties: the lowest id; the member at position ``k mod size``) into
+    empty subset ``k`` keeps every example's subset count (an expander stays d-regular) and
+    leaves no subset empty, as long as there are at least K memberships. Deterministic; a design
+    without empty subsets is returned unchanged.
+    """
+    sizes = design.subset_sizes.copy()
+    empty = np.flatnonzero(sizes == 0)
+    if empty.size == 0 or design.nnz < design.num_subsets:
+        return design
+    members = [list(design.members(k)) for k in range(design.num_subsets)]
+    for k in empty:
+        src = int(np.argmax(sizes))
+        members[k] = [members[src].pop(int(k) % len(members[src]))]
+        sizes[src] -= 1
+        sizes[k] = 1
+    rows = np.repeat(np.arange(design.num_subsets, dtype=np.int32), [len(m) for m in members])
+    cols = np.concatenate([np.asarray(m, np.int32) for m in members])
+    return Design.from_pairs(rows, cols, num_subsets=design.num_subsets,
+                             num_examples=design.num_examples)
+
+
 def expander_design(
-    n: int, K: int, d: int = 10, *, key: jax.Array, chunk_size: int = 1 << 16
+    n: int, K: int, d: int = 10, *, key: jax.Array, chunk_size: int = 1 << 16,
+    fill_empty: bool = False,
 ) -> Design:
     """Random left-d-regular design: each example in exactly ``d`` distinct subsets of ``K``.
 
     Example i's subsets are a uniform d-subset of range(K) drawn from ``fold_in(key, i)`` alone,
     so the design does not depend on ``chunk_size`` (the number of examples generated per device
     call; it only bounds memory). The expected subset size is n d / K. Raises ``ValueError`` for
-    n < 1, K < 1, d outside [1, K], or when some subset comes out empty.
+    n < 1, K < 1, d outside [1, K], or when some subset comes out empty, unless ``fill_empty``
+    (then :func:`fill_empty_subsets` fills them, which needs n d >= K).
     """
     _check_positive("n", n, "the number of training examples")
     _check_positive("K", K, "the number of subsets")
@@ -466,6 +494,8 @@ def expander_design(
     indptr = np.zeros(K + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=K), out=indptr[1:])
     design = Design(K, n, rows, cols, indptr)
+    if fill_empty:
+        design = fill_empty_subsets(design)
     _check_nonempty(
         design,
         f"with n={n} and d={d}, K={K} gives n*d/K={n * d / K:.3g} examples per subset on average",
@@ -480,14 +510,16 @@ def _bernoulli_chunk(key: jax.Array, ks: jax.Array, *, n: int, alpha: float) -> 
 
 
 def bernoulli_design(
-    n: int, K: int, alpha: float, *, key: jax.Array, max_chunk_entries: int = 1 << 24
+    n: int, K: int, alpha: float, *, key: jax.Array, max_chunk_entries: int = 1 << 24,
+    fill_empty: bool = False,
 ) -> Design:
     """Datamodels design: subset k holds each example independently with probability ``alpha``.
 
     Subset k is drawn from ``fold_in(key, k)`` alone, so the result does not depend on
     ``max_chunk_entries`` (the most mask entries generated per device call). Costs K * n random
     draws. Expected subset size alpha n. Raises ``ValueError`` for n < 1, K < 1, alpha outside
-    (0, 1), or when some subset comes out empty.
+    (0, 1), or when some subset comes out empty, unless ``fill_empty`` (then
+    :func:`fill_empty_subsets` fills them when there are enough memberships).
     """
     _check_positive("n", n, "the number of training examples")
     _check_positive("K", K, "the number of subsets")
@@ -510,6 +542,8 @@ def bernoulli_design(
     indptr = np.zeros(K + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=K), out=indptr[1:])
     design = Design(K, n, rows, cols, indptr)
+    if fill_empty:
+        design = fill_empty_subsets(design)
     _check_nonempty(
         design,
         f"with n={n} and alpha={alpha}, subsets hold alpha*n={alpha * n:.3g} examples on average",

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from stride_jax.attributor import AttributeConfig
-from stride_jax.config import option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.errors import ConfigError
 from stride_jax.eval.suite import BaselineConfig
 from stride_jax.tasks._base import Task
@@ -49,6 +49,12 @@ class ContaminationTaskConfig:
                                "replaced by random tokens (0: exact copies)")
     seed: int = option(0, "which queries leak and where their copies go")
 
+    def __post_init__(self) -> None:
+        extra = [] if self.copies and min(self.copies) >= 1 else [
+            ("copies", list(self.copies), "must be a non-empty list of counts >= 1")]
+        check_ranges(self, {"leaked_fraction": "in [0, 1]", "noise": "in [0, 1]",
+                            "seed": SEED_RANGE}, extra=extra)
+
 
 @dataclasses.dataclass(frozen=True)
 class ContaminationConfig:
@@ -63,6 +69,19 @@ class ContaminationConfig:
     k: int = option(10, "hit@k: a replica among the query's top k")
     detection_stat: str = option("max_z", "per-query statistic of leak detection: max or max_z")
     seed: int = option(0, "seed of the methods' randomness (projections)")
+
+    def __post_init__(self) -> None:
+        from stride_jax.eval.suite import METHODS
+        extra = []
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            extra.append(("methods", list(self.methods),
+                          f"must name methods among {', '.join(METHODS)}"))
+        if any(c not in ("rank", "zscore", "rrf") for c in self.combine):
+            extra.append(("combine", list(self.combine), "must list rank, zscore or rrf"))
+        if self.detection_stat not in ("max", "max_z"):
+            extra.append(("detection_stat", self.detection_stat, "must be 'max' or 'max_z'"))
+        check_ranges(self, {"k": ">= 1", "seed": SEED_RANGE}, extra=extra)
 
 
 class ContaminationTask(NamedTuple):

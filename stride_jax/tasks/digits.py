@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.config import option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.data import TokenizedSet
 from stride_jax.errors import ConfigError, MissingDependencyError
 from stride_jax.recipes.pretrain import OptimConfig
@@ -41,6 +41,12 @@ class DigitsConfig:
     optim: OptimConfig = option(_DIGITS_OPTIM, "training recipe (shared by the retrains)")
     seed: int = option(0, "initialisation and data-order seed")
     split_seed: int = option(0, "seed of the train/query split")
+
+    def __post_init__(self) -> None:
+        extra = [("hidden", list(self.hidden), "must list widths >= 1")] \
+            if any(h < 1 for h in self.hidden) else []
+        check_ranges(self, {"num_train": ">= 2", "num_queries": ">= 1", "seed": SEED_RANGE,
+                            "split_seed": SEED_RANGE}, extra=extra)
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.config import option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.data import TokenizedSet, shakespeare_plays, split_ids, tokenize_documents
 from stride_jax.errors import ConfigError, DataError
 from stride_jax.recipes.pretrain import OptimConfig
@@ -64,6 +64,10 @@ class SelectionTaskConfig:
     num_eval: int | None = option(None, "held-out target rows (after the targets) whose loss is "
                                         "reported but never used to select; null: all of them")
     pool_seed: int = option(0, "seed of the row samples and of the pool's order")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"distractor_ratio": ">= 0", "max_target_rows": ">= 1",
+                            "num_eval": ">= 0", "pool_seed": SEED_RANGE})
 
 
 @dataclasses.dataclass

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
 from stride_jax.data import TokenizedSet
 from stride_jax.errors import ConfigError, DataError, NonFiniteOperatorLossError
 from stride_jax.steering import (LMFunctions, SteeringConfig, basis_features,
@@ -81,6 +81,18 @@ class OperatorTrainConfig:
     checkpoint_every: int = option(100, "steps between operator checkpoints (0: only at the end)")
     log_every: int = option(10, "steps between logged loss values")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {
+            "epochs": ">= 1", "subsets_per_step": ">= 1", "rows_per_subset": ">= 1",
+            "stability_rows": ">= 1", "tokens_per_row": ">= 0", "learning_rate": "> 0",
+            "basis_learning_rate": "> 0", "b1": "in [0, 1)", "b2": "in [0, 1)", "eps": "> 0",
+            "weight_fidelity": ">= 0", "weight_stability": ">= 0", "weight_linearity": ">= 0",
+            "linearity_probe_rows": ">= 1", "linearity_sketch_dim": ">= 1",
+            "linearity_ridge": "> 0", "max_loss": "> 0", "checkpoint_every": ">= 0",
+            "log_every": ">= 1"},
+            fixes={"tokens_per_row": "0 scores all positions",
+                   "checkpoint_every": "0 checkpoints only at the end"})
+
 
 class OperatorState(NamedTuple):
     """Everything training updates; a plain pytree (checkpointed by orbax)."""
@@ -95,25 +107,8 @@ class OperatorState(NamedTuple):
 
 
 def validate(cfg: OperatorTrainConfig) -> None:
-    problems = []
-    for name in ("epochs", "subsets_per_step", "rows_per_subset", "stability_rows"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"train.{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.tokens_per_row < 0:
-        problems.append(f"train.tokens_per_row={cfg.tokens_per_row} must be >= 0 (0: all "
-                        f"positions)")
-    for name in ("weight_fidelity", "weight_stability", "weight_linearity"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"train.{name}={getattr(cfg, name)} must be >= 0")
-    for name in ("learning_rate", "basis_learning_rate", "max_loss"):
-        v = getattr(cfg, name)
-        if not (math.isfinite(v) and v > 0):
-            problems.append(f"train.{name}={v} must be a positive finite number")
-    if cfg.checkpoint_every < 0 or cfg.log_every < 1:
-        problems.append("train.checkpoint_every must be >= 0 and train.log_every >= 1")
-    if problems:
-        raise ConfigError("; ".join(problems) + "; fix these train.* settings (see "
-                          "configs/attribute_default.yaml for the defaults)")
+    """Check ``cfg`` (the checks run when a config is made; kept for callers)."""
+    cfg.__post_init__()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,56 +488,72 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     t0 = time.perf_counter()
     compile_s = None
     steady_t0, steady_steps = None, 0
-    for step in range(start, len(schedule)):
-        chunk_ids = jnp.asarray(schedule[step])
-        idx = sampler(jnp.int32(step), chunk_ids)
-        step_cache, step_data = cache_d, data_d
-        if stream:
-            idx, step_cache, step_data = step_rows(idx)
-        if compiled_memory is not None and step == start:
-            compiled_memory.update(_memory_analysis(train_step, state, chunk_ids, idx,
-                                                    step_cache, step_data))
-        new_state, loss, (fid, stab, lin, total) = train_step(state, chunk_ids, idx, step_cache,
-                                                              step_data)
-        loss_f = float(loss)
-        if compile_s is None:
-            compile_s = time.perf_counter() - t0
-            steady_t0 = time.perf_counter()
-        else:
-            steady_steps += 1
-        if not (math.isfinite(loss_f) and abs(loss_f) <= cfg.max_loss):
-            per_subset = np.asarray(total)
-            bad = np.flatnonzero(~(np.isfinite(per_subset) & (np.abs(per_subset) <= cfg.max_loss)))
-            which = int(schedule[step][bad[0]]) if len(bad) else -1
-            where = f" (first bad subset: {which})" if which >= 0 else ""
-            what = "is not finite" if not math.isfinite(loss_f) else \
-                f"exceeds train.max_loss={cfg.max_loss:g} (diverged)"
-            last = ckpt.latest_step() if ckpt is not None else None
-            kept = (f"; the last good checkpoint (after {last} steps) in {checkpoint_dir} is kept"
-                    if last is not None else "; no checkpoint was written yet")
-            raise NonFiniteOperatorLossError(
-                f"operator training loss {loss_f:g} {what} at step {step + 1} of "
-                f"{len(schedule)}{where}; lower train.learning_rate (now {cfg.learning_rate:g}) "
-                f"and rerun with --overwrite, or check the cached activations for NaN/inf{kept}")
-        state = new_state
-        done = step + 1
-        if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                                 or done == len(schedule)):
-            ckpt.save(done, state)
-        if step % cfg.log_every == 0 or done == len(schedule):
-            rate = (steady_steps * schedule.shape[1] / (time.perf_counter() - steady_t0)
-                    if steady_steps else 0.0)
-            point = {"step": step, "loss": loss_f, "fidelity": float(jnp.mean(fid)),
-                     "stability": float(jnp.mean(stab)), "linearity": float(lin),
-                     "subsets_per_s": rate, "compile_s": compile_s}
-            history.append(point)
+    step = start
+    try:
+        for step in range(start, len(schedule)):
+            chunk_ids = jnp.asarray(schedule[step])
+            idx = sampler(jnp.int32(step), chunk_ids)
+            step_cache, step_data = cache_d, data_d
+            if stream:
+                idx, step_cache, step_data = step_rows(idx)
+            if compiled_memory is not None and step == start:
+                compiled_memory.update(_memory_analysis(train_step, state, chunk_ids, idx,
+                                                        step_cache, step_data))
+            new_state, loss, (fid, stab, lin, total) = train_step(state, chunk_ids, idx, step_cache,
+                                                                  step_data)
+            loss_f = float(loss)
+            if compile_s is None:
+                compile_s = time.perf_counter() - t0
+                steady_t0 = time.perf_counter()
+            else:
+                steady_steps += 1
+            if not (math.isfinite(loss_f) and abs(loss_f) <= cfg.max_loss):
+                per_subset = np.asarray(total)
+                bad = np.flatnonzero(~(np.isfinite(per_subset)
+                                       & (np.abs(per_subset) <= cfg.max_loss)))
+                which = int(schedule[step][bad[0]]) if len(bad) else -1
+                where = f" (first bad subset: {which})" if which >= 0 else ""
+                what = "is not finite" if not math.isfinite(loss_f) else \
+                    f"exceeds train.max_loss={cfg.max_loss:g} (diverged)"
+                last = ckpt.latest_step() if ckpt is not None else None
+                kept = (f"; the last good checkpoint (after {last} steps) in {checkpoint_dir} is "
+                        f"kept" if last is not None else "; no checkpoint was written yet")
+                raise NonFiniteOperatorLossError(
+                    f"operator training loss {loss_f:g} {what} at step {step + 1} of "
+                    f"{len(schedule)}{where}; lower train.learning_rate (now "
+                    f"{cfg.learning_rate:g}) and rerun with --overwrite, or check the cached "
+                    f"activations for NaN/inf{kept}")
+            state = new_state
+            done = step + 1
+            if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                                     or done == len(schedule)):
+                ckpt.save(done, state)
+            if step % cfg.log_every == 0 or done == len(schedule):
+                rate = (steady_steps * schedule.shape[1] / (time.perf_counter() - steady_t0)
+                        if steady_steps else 0.0)
+                point = {"step": step, "loss": loss_f, "fidelity": float(jnp.mean(fid)),
+                         "stability": float(jnp.mean(stab)), "linearity": float(lin),
+                         "subsets_per_s": rate, "compile_s": compile_s}
+                history.append(point)
+                if bar is not None:
+                    bar.set_postfix(fid=f"{point['fidelity']:.4f}",
+                                    stab=f"{point['stability']:.4f}",
+                                    lin=f"{point['linearity']:.3f}", subsets_s=f"{rate:.0f}")
             if bar is not None:
-                bar.set_postfix(fid=f"{point['fidelity']:.4f}", stab=f"{point['stability']:.4f}",
-                                lin=f"{point['linearity']:.3f}", subsets_s=f"{rate:.0f}")
+                bar.update(1)
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        # Ctrl-C: say where training stood and where a rerun picks up (its last checkpoint).
         if bar is not None:
-            bar.update(1)
-        if on_step is not None:
-            on_step(step)
+            bar.close()
+        last = ckpt.latest_step() if ckpt is not None else None
+        if ckpt is not None:
+            ckpt.close()
+        resume = (f"; a rerun resumes from step {last}, its last checkpoint" if last
+                  else "; no checkpoint yet, so a rerun starts training again")
+        raise KeyboardInterrupt(f"at operator training step {step + 1} of {len(schedule)}"
+                                f"{resume}") from None
     if bar is not None:
         bar.close()
     if ckpt is not None:
