@@ -229,6 +229,21 @@ def _subset_problems(cfg: AttributeConfig, K: int, n: int | None) -> list[tuple[
     return out
 
 
+def unused_settings(cfg: AttributeConfig) -> list[str]:
+    """Settings changed from their defaults that ``cfg.operators`` does not read: a user who
+    sets them expects an effect, so the run says they have none."""
+    from stride_jax.io.stamps import _flatten
+    default = AttributeConfig()
+    if cfg.operators == "closed_form":
+        sections = ("design", "train", "measure", "solve", "cache")
+        extra = ("steering.rank", "steering.basis", "steering.mlp_hidden")
+    else:
+        sections, extra = ("closed_form",), ()
+    now, was = _flatten(to_dict(cfg)), _flatten(to_dict(default))
+    return sorted(k for k in now if now[k] != was.get(k) and (
+        k.split(".")[0] in sections or k in extra))
+
+
 def check_run(cfg: AttributeConfig, n: int) -> int:
     """Check the settings that depend on the number of training rows ``n`` before any stage
     runs, so a bad combination costs no training; returns K.
@@ -326,6 +341,11 @@ class Attributor:
             raise TypeError(f"model must be a CausalLM or LMFunctions, got {type(model).__name__}")
         self.train = train
         self.config = config
+        unused = unused_settings(config)
+        if unused and is_writer():
+            log.warning("operators=%s does not use %s; set operators=%s to use them",
+                        config.operators, ", ".join(unused),
+                        "trained" if config.operators == "closed_form" else "closed_form")
         self.workdir = Path(workdir) if workdir is not None else None
         self.overwrite = overwrite
         self.measurement = as_measurement(measurement)

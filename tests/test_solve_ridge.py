@@ -312,3 +312,21 @@ def test_ridge_validation(small):
     for est in ("ridge", "auto"):
         with pytest.raises(ValueError, match="needs key"):
             solve(design, y_qk, SolveConfig(estimator=est))
+
+
+def test_an_empty_lasso_choice_falls_back_and_is_recorded():
+    """Responses that are pure noise: the Lasso CV picks lambda_max (w = 0, all scores zero).
+    Such a query must not silently get all-zero scores."""
+    n, K = 200, 90
+    design = expander_design(n, K, 6, key=jax.random.key(4))
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(4, K))
+    lasso_cv = cross_validate_lambda(design, y, folds=3, key=jax.random.key(0), grid_size=10)
+    assert (lasso_cv.best_index_q == 0).any()          # the situation this test is about
+    for est in ("auto", "lasso"):
+        out = solve(design, y, SolveConfig(estimator=est, grid_size=10), key=jax.random.key(0))
+        fell = out.info["empty_fallback_q"]
+        assert fell.any()
+        assert np.all(np.abs(out.w_qn[fell]).sum(1) > 0), est
+        if est == "auto":
+            assert set(out.info["estimator_q"][fell]) == {"ridge"}
