@@ -113,11 +113,17 @@ def _user_lm(seed: int):
         max_len=8, layer=0, num_layers=1)
 
 
-def test_a_retrained_user_model_never_reuses_the_old_models_scores(tmp_path, caplog):
+@pytest.mark.parametrize("operators,stages", [
+    ("trained", ("design", "operators", "responses", "solve")),
+    ("closed_form", ("operators", "responses", "solve")),       # no subsets, no design
+])
+def test_a_retrained_user_model_never_reuses_the_old_models_scores(tmp_path, caplog, operators,
+                                                                    stages):
     """Issue 17: LMFunctions without a fingerprint, another seed, the same workdir: the old
     model's operators must be refused (naming the model), never silently reused."""
     train, queries = random_rows(40, 8, 64, 0, "t"), random_rows(3, 8, 64, 1, "q")
-    cfg = dataclasses.replace(CFG, steering=dataclasses.replace(CFG.steering, layer=0))
+    cfg = dataclasses.replace(CFG, operators=operators,
+                              steering=dataclasses.replace(CFG.steering, layer=0))
     first = Attributor(_user_lm(0), train, cfg, workdir=tmp_path, progress=False).attribute(queries)
     with pytest.raises(StaleArtifactError, match=r"model: "):
         Attributor(_user_lm(1), train, cfg, workdir=tmp_path, progress=False).attribute(queries)
@@ -131,7 +137,7 @@ def test_a_retrained_user_model_never_reuses_the_old_models_scores(tmp_path, cap
                            progress=False).attribute(queries)
     np.testing.assert_array_equal(again.scores_qn, second.scores_qn)
     reused = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
-    for stage in ("design", "operators", "responses", "solve"):
+    for stage in stages:
         assert any(f"'{stage}'" in m and "stamp " in m for m in reused), (stage, reused)
 
 
