@@ -708,6 +708,8 @@ def _query_section(i: int, rec: Mapping, score_row: np.ndarray | None,
     meta = []
     if _num(rec.get("base_loss")) is not None:
         meta.append(f"base loss {_g(rec['base_loss'], '.4g')} nats/token")
+    if isinstance(rec.get("estimator"), str):
+        meta.append(rec["estimator"].replace("_", " "))
     if _num(rec.get("lambda")) is not None:
         meta.append(f"λ {_g(rec['lambda'])}")
     if score_row is not None:
@@ -746,10 +748,18 @@ def config_summary(config: Mapping | None, n: int | None) -> list[tuple[str, str
     """The config values a reader needs to interpret the scores, as ``(label, value)``.
 
     K is resolved as the run resolved it when ``design.num_subsets`` is null (expander design
-    and n known), so the page shows the number of operators actually trained.
+    and n known), so the page shows the number of operators actually trained. A closed-form run
+    (``operators: closed_form``) shows its own settings: it trains nothing and uses no subsets,
+    so the design, training and solve settings in its config do not describe it.
     """
     if config is None:
         return []
+    if _dig(config, "operators") == "closed_form":
+        items = [("operators", "closed form"), ("site", _dig(config, "steering", "site")),
+                 ("output damping", _dig(config, "closed_form", "output_damping")),
+                 ("reader damping", _dig(config, "closed_form", "reader_damping")),
+                 ("seed", _dig(config, "seed")), ("top-k", _dig(config, "topk"))]
+        return [(k, "–" if v is None else str(v)) for k, v in items]
     K = _dig(config, "design", "num_subsets")
     d = _dig(config, "design", "per_example")
     kind = _dig(config, "design", "kind")
