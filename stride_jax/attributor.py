@@ -6,7 +6,7 @@
     att.fit_operators()             # design + activation cache + operator training
     responses = att.measure(query_rows)
     result = att.solve(responses)   # scores [Q, n]: positive = the example lowers the query's loss
-    result.write("runs/x", train_texts=..., query_texts=...)
+    att.write(result, query_rows, tokenizer=tok)   # everything `stride-jax attribute` writes
 
 Stages and their directories under ``workdir``:
 
@@ -17,12 +17,20 @@ design          ``design/``                  n, design config, seed
 operators       ``operators/``               model + training data fingerprints, design,
                                              steering and train config, seed
 measure         ``responses/<queries>/``     operators stamp + queries + measure config
+                                             (+ a custom measurement's fingerprint)
 solve           ``solve/<responses>/``       responses + design stamp + solve config
+selfinf         ``selfinf/``                 operators stamp + measure config
 ==============  ===========================  ==============================================
 
+The model's fingerprint is :attr:`LMFunctions.fingerprint`: the user's, or else a hash of every
+parameter value, so another model (another seed, a fine-tune) never reuses these artifacts.
 A stage whose stamp matches is loaded instead of recomputed (operator training resumes from its
-last orbax checkpoint); a stamp that does not match is refused with the changed keys named,
+last orbax checkpoint), and the log says so (``reusing the complete 'operators' stage in ...
+(stamp 1a2b3c4d)``); a stamp that does not match is refused with the changed keys named,
 unless ``overwrite=True``. Without a ``workdir`` everything stays in memory.
+
+Before any stage runs, the settings, the model's functions (one ``jax.eval_shape`` each, see
+:func:`stride_jax.steering.check_shapes`) and the training rows are checked against each other.
 
 Keys: one seed, ``root = key(seed)``; the design uses ``fold_in(root, 0)``, training
 ``fold_in(root, 1)``, lambda selection ``fold_in(root, 2)``, self-influence ``fold_in(root, 3)``.
@@ -36,41 +44,34 @@ import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.config import (SEED_RANGE, ConfigError, ConfigValueError, check_ranges,
-                               dump_config, option, to_dict)
+from stride_jax.attribution import CLOSED_FORM, Attribution, TopScores
+from stride_jax.config import (SEED_RANGE, ConfigValueError, check_ranges, dump_config, option,
+                               to_dict)
 from stride_jax.data import TokenizedSet
-from stride_jax.io.atomic import atomic_write_text, json_text, save_npy, write_json
+from stride_jax.errors import ConfigError, DataError, NonFiniteError
+from stride_jax.io.atomic import save_npy, save_npz, write_json
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
-from stride_jax.measure import (MeasureConfig, Responses, implausible_base_loss,
-                                measure_responses)
+from stride_jax.measure import (MeasureConfig, MeasureInputs, Measurement, Responses,
+                                as_measurement, implausible_base_loss, measure_responses)
 from stride_jax.model.transformer import CausalLM
 from stride_jax.parallel import (ParallelConfig, indivisible, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
                                  to_host)
 from stride_jax.solve import SolveConfig, solve
-from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
+from stride_jax.steering import (LMFunctions, SteeringConfig, check_shapes, from_causal_lm,
+                                 resolve_layer)
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
 from stride_jax.train import (ClosedFormConfig, OperatorFactors, OperatorTrainConfig, build_cache,
-                              closed_form_scores, fit_factors, operator_gradients, query_losses,
-                              token_scores, train_operators)
+                              check_rows_fit, closed_form_scores, fit_factors, operator_gradients,
+                              query_losses, token_scores, train_operators)
 
 log = logging.getLogger(__name__)
-
-# Everything a run directory may hold: the CLI's `attribute` writes the top-level files and
-# stamps the directory (stride_jax.io.outdir), `report` and `select` add report.html and
-# selected.jsonl. --overwrite removes all of it, except the stage directories that check their
-# own stamps (and so replace themselves when their arguments differ).
-RUN_ARTIFACTS = ("scores.npy", "scores_topk.npz", "topk.jsonl", "ids.json", "tokens.json",
-                 "selfinf.json", "report.html", "selected.jsonl", "attribute.yaml", "design",
-                 "operators", "responses", "solve", "selfinf", "tokens")
-SELF_STAMPED = ("design", "operators", "tokens")
-
 
 @dataclasses.dataclass(frozen=True)
 class DesignConfig:
@@ -254,7 +255,7 @@ def check_run(cfg: AttributeConfig, n: int) -> int:
     if cfg.operators == "closed_form":
         # No subsets: every training row gets its own closed-form score, even a single row.
         if n < 1:
-            raise ConfigError("the training set is empty: nothing to attribute to")
+            raise DataError("the training set is empty: nothing to attribute to")
         return 0
     if n < 2:
         raise ConfigError(
@@ -295,147 +296,14 @@ class Operators(NamedTuple):
     coef: jax.Array
 
     def save(self, path: str | Path) -> None:
-        from stride_jax.io.atomic import atomic_path
         arrays = {f"basis.{k}": np.asarray(v) for k, v in self.basis.items()}
-        arrays["coef"] = np.asarray(self.coef)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        save_npz(path, coef=np.asarray(self.coef), **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "Operators":
         with np.load(path, allow_pickle=False) as z:
             basis = {k[len("basis."):]: jnp.asarray(z[k]) for k in z.files if k.startswith("basis.")}
             return cls(basis, jnp.asarray(z["coef"]))
-
-
-class TopScores(NamedTuple):
-    """Sparse scores: per query, the ``k`` largest positive scores (proponents) and the ``k``
-    most negative (opponents), best first; index -1 (score 0) pads a query with fewer."""
-
-    pro_index: np.ndarray        # [Q, k] int64
-    pro_score: np.ndarray        # [Q, k] float32
-    opp_index: np.ndarray        # [Q, k] int64
-    opp_score: np.ndarray        # [Q, k] float32
-
-    @classmethod
-    def from_dense(cls, w_qn: np.ndarray, k: int) -> "TopScores":
-        """Keep the top ``k`` of each row of ``w_qn`` (order: score, then index, as
-        :meth:`Attribution.top` on the dense matrix)."""
-        w = np.asarray(w_qn, np.float32)
-        Q, n = w.shape
-        k_eff = min(k, n)
-        out = []
-        for sign in (1.0, -1.0):
-            v = sign * w
-            cand = (np.argpartition(-v, k_eff - 1, axis=1)[:, :k_eff] if k_eff < n
-                    else np.broadcast_to(np.arange(n), (Q, n)))
-            idx = np.full((Q, k), -1, np.int64)
-            val = np.zeros((Q, k), np.float32)
-            for q in range(Q):
-                c = cand[q]
-                c = c[np.lexsort((c, -v[q, c]))]
-                c = c[v[q, c] > 0]
-                idx[q, :c.size], val[q, :c.size] = c, w[q, c]
-            out += [idx, val]
-        return cls(*out)
-
-    @classmethod
-    def empty(cls, num_queries: int, k: int) -> "TopScores":
-        return cls(np.full((num_queries, k), -1, np.int64), np.zeros((num_queries, k), np.float32),
-                   np.full((num_queries, k), -1, np.int64), np.zeros((num_queries, k), np.float32))
-
-    @classmethod
-    def concat(cls, parts: Sequence["TopScores"]) -> "TopScores":
-        return cls(*(np.concatenate(a) for a in zip(*parts)))
-
-    def save(self, path: str | Path) -> None:
-        from stride_jax.io.atomic import atomic_path
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **self._asdict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TopScores":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(**{f: z[f] for f in cls._fields})
-
-
-class Attribution(NamedTuple):
-    """Scores and what produced them: the dense matrix ``scores_qn``, or with
-    ``scores=topk`` only each query's top scores (``top_scores``; ``scores_qn`` is None)."""
-
-    scores_qn: np.ndarray | None  # [Q, n] float32; positive = the example lowers the query's loss
-    query_ids: list[str]
-    train_ids: list[str]
-    y_qk: np.ndarray             # [Q, K] responses
-    base_loss_q: np.ndarray      # [Q]
-    lam_q: np.ndarray            # [Q] Lasso penalty used per query
-    intercept_q: np.ndarray      # [Q]
-    top_scores: TopScores | None = None
-
-    def top(self, q: int, k: int = 10) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-        """Top ``k`` proponents (largest positive scores) and opponents (most negative) of query q."""
-        if self.scores_qn is None:
-            t = self.top_scores
-            if k > t.pro_index.shape[1]:
-                raise ValueError(f"only the top {t.pro_index.shape[1]} scores per query were kept "
-                                 f"(scores=topk); ask for at most that many, or rerun with a "
-                                 f"larger topk or scores=dense")
-            return ([(int(i), float(s)) for i, s in zip(t.pro_index[q, :k], t.pro_score[q, :k])
-                     if i >= 0],
-                    [(int(i), float(s)) for i, s in zip(t.opp_index[q, :k], t.opp_score[q, :k])
-                     if i >= 0])
-        s = self.scores_qn[q]
-        order = np.argsort(-s, kind="stable")
-        pro = [(int(i), float(s[i])) for i in order[:k] if s[i] > 0]
-        opp = [(int(i), float(s[i])) for i in order[::-1][:k] if s[i] < 0]
-        return pro, opp
-
-    def write(self, out_dir: str | Path, *, train_texts: Sequence[str] | None = None,
-              query_texts: Sequence[str] | None = None, k: int = 10) -> Path:
-        """``scores.npy`` (or ``scores_topk.npz`` when only the top scores were kept),
-        ``topk.jsonl`` (ids, scores, texts) and ``ids.json`` in ``out_dir``.
-
-        Nothing is written when a score, base loss or penalty is NaN/inf (``FloatingPointError``).
-        """
-        out = Path(out_dir)
-        scores = self.scores_qn if self.scores_qn is not None else np.concatenate(
-            [self.top_scores.pro_score, self.top_scores.opp_score], axis=1)
-        for name, values in (("scores", scores), ("base_loss", self.base_loss_q),
-                             ("lambda", self.lam_q)):
-            bad = ~np.isfinite(np.asarray(values, np.float64))
-            if bad.any():
-                q = int(np.argwhere(bad)[0][0])
-                raise FloatingPointError(
-                    f"refusing to write the scores to {out}: {int(bad.sum())} {name} value(s) are "
-                    f"NaN or infinite (first: query {self.query_ids[q]!r}); nothing was written "
-                    f"(a computation upstream went wrong: rerun with -v for where)")
-        lines = []
-        for q, qid in enumerate(self.query_ids):
-            pro, opp = self.top(q, k)
-
-            def entry(i, s):
-                e = {"id": self.train_ids[i], "index": i, "score": s}
-                if train_texts is not None:
-                    e["text"] = train_texts[i]
-                return e
-
-            rec: dict[str, Any] = {"query_id": qid, "base_loss": float(self.base_loss_q[q]),
-                                   "lambda": float(self.lam_q[q]),
-                                   "proponents": [entry(i, s) for i, s in pro],
-                                   "opponents": [entry(i, s) for i, s in opp]}
-            if query_texts is not None:
-                rec["query_text"] = query_texts[q]
-            lines.append(json_text(rec, what=str(out / "topk.jsonl"), ensure_ascii=False))
-        out.mkdir(parents=True, exist_ok=True)
-        if self.scores_qn is not None:
-            save_npy(out / "scores.npy", self.scores_qn.astype(np.float32))
-        else:
-            self.top_scores.save(out / "scores_topk.npz")
-        write_json(out / "ids.json", {"queries": self.query_ids, "train": self.train_ids})
-        atomic_write_text(out / "topk.jsonl", "\n".join(lines) + "\n")
-        return out
 
 
 class Attributor:
@@ -447,11 +315,18 @@ class Attributor:
       config: the run configuration.
       workdir: where stage artifacts go (None: in memory only).
       overwrite: replace stage artifacts made with other arguments instead of refusing.
+      progress: show progress bars.
+      measurement: the queries' response to an operator (default: the change of the mean
+        per-token log-probability); a :class:`~stride_jax.measure.Measurement` or a function
+        of :class:`~stride_jax.measure.MeasureInputs` returning one scalar, for the ``logits``
+        and ``final_hidden`` sites. It is stamped in the measure stage; per-token attribution
+        (``tokens.json``) is skipped with it.
     """
 
     def __init__(self, model: CausalLM | LMFunctions, train: TokenizedSet,
                  config: AttributeConfig = AttributeConfig(), *, workdir: str | Path | None = None,
-                 overwrite: bool = False, progress: bool = True):
+                 overwrite: bool = False, progress: bool = True,
+                 measurement: Measurement | Callable[[MeasureInputs], Any] | None = None):
         # Settings are checked before any stage runs, so a typo costs no cached work.
         check_run(config, len(train))
         if isinstance(model, CausalLM):
@@ -459,8 +334,8 @@ class Attributor:
             self.lm = from_causal_lm(model, layer)
         elif isinstance(model, LMFunctions):
             if config.steering.layer is not None and config.steering.layer != model.layer:
-                raise ValueError(f"steering.layer={config.steering.layer} but the LMFunctions read "
-                                 f"layer {model.layer}")
+                raise ConfigError(f"steering.layer={config.steering.layer} but the LMFunctions read "
+                                  f"layer {model.layer}")
             self.lm = model
         else:
             raise TypeError(f"model must be a CausalLM or LMFunctions, got {type(model).__name__}")
@@ -473,9 +348,25 @@ class Attributor:
                         "trained" if config.operators == "closed_form" else "closed_form")
         self.workdir = Path(workdir) if workdir is not None else None
         self.overwrite = overwrite
+        self.measurement = as_measurement(measurement)
+        if self.measurement is not None and config.steering.site == "residual":
+            raise ConfigError("a custom measurement needs steering.site=logits or final_hidden "
+                              "(the residual site measures the mean log-probability change)")
+        if self.measurement is not None and self.closed_form:
+            raise ConfigError("a custom measurement needs operators=trained: closed-form "
+                              "operators score the change of each query's mean per-token loss")
         # Joins the multi-host runtime if asked (it must come before JAX does any work; the CLI
         # calls it first thing, library users call stride_jax.parallel.initialize themselves).
         initialize(config.parallel)
+        # The model's functions and the rows are checked against each other before any work:
+        # one jax.eval_shape per function, a one-line error naming the field.
+        check_shapes(self.lm, config.steering.site, train.seq_len)
+        check_rows_fit(self.lm, train, "training")
+        if workdir is not None:
+            # Stamps name the model by its fingerprint (the user's, or a hash of every parameter
+            # value), computed before any sharding: another model never reuses these artifacts.
+            self.lm = self.lm.with_fingerprint()
+            log.info("model fingerprint %s", self.lm.fingerprint)
         self.progress = progress and is_writer()
         self.root = jax.random.key(config.seed)
         # Not part of any stamp: the device count changes float rounding only, so a run may be
@@ -493,9 +384,10 @@ class Attributor:
             self.lm = dataclasses.replace(self.lm, params=self.mesh.shard_weights(
                 self.lm.params, config.parallel.fsdp_min_size))
         if config.scores not in ("auto", "dense", "topk"):
-            raise ValueError(f"scores must be 'auto', 'dense' or 'topk', got {config.scores!r}")
+            raise ConfigError(f"scores must be 'auto', 'dense' or 'topk', got {config.scores!r}")
         self._design: Design | None = None
         self._ops: Operators | None = None
+        self._selfinf: dict[int | None, np.ndarray] = {}
         self.history: list[dict] = []
         if self.workdir is not None:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -565,9 +457,9 @@ class Attributor:
                                          fill_empty=fill)
             else:
                 design = bernoulli_design(n, self.num_subsets, d.alpha, key=key, fill_empty=fill)
-        except ValueError as e:
-            raise ValueError(f"design (kind={d.kind}, num_subsets={self.num_subsets}, "
-                             f"per_example={d.per_example}, alpha={d.alpha}, n={n}): {e}") from e
+        except ConfigError as e:
+            raise ConfigError(f"design (kind={d.kind}, num_subsets={self.num_subsets}, "
+                              f"per_example={d.per_example}, alpha={d.alpha}, n={n}): {e}") from e
         if directory is not None:
             design.save(directory / "design.npz")
             complete_stage(directory, "design", payload)
@@ -650,22 +542,21 @@ class Attributor:
                             np.load(directory / "base_loss.npy", allow_pickle=False))
             _warn_implausible(res, self.lm.vocab_size)
             return res
-        from stride_jax.train import check_rows_fit
         check_rows_fit(self.lm, queries, "query")
         counts = queries.loss_mask.sum(1)
         if (counts == 0).any():
             bad = queries.ids[int(np.flatnonzero(counts == 0)[0])]
-            raise ValueError(f"query {bad!r} has no scored token (empty completion?); give it a "
-                             f"non-empty text/completion")
+            raise DataError(f"query {bad!r} has no scored token (empty completion?); give it a "
+                            f"non-empty text/completion")
         cf = self.config.closed_form
         g = operator_gradients(self.lm, queries, factors, cf, mesh=self.mesh)
         base = query_losses(self.lm, queries, cf)
         bad = ~np.isfinite(g)
         if bad.any():
             q = int(np.nonzero(bad)[0][0])
-            raise FloatingPointError(f"the operator gradient of query {queries.ids[q]!r} is "
-                                     f"NaN/inf: check the model's weights and that the query's "
-                                     f"tokens are in its vocabulary")
+            raise NonFiniteError(f"the operator gradient of query {queries.ids[q]!r} is "
+                                 f"NaN/inf: check the model's weights and that the query's "
+                                 f"tokens are in its vocabulary")
         if directory is not None:
             save_npy(directory / "g.npy", g)
             save_npy(directory / "base_loss.npy", base)
@@ -706,8 +597,8 @@ class Attributor:
                 top = TopScores(**acc)
             bad = ~np.isfinite(w if dense else np.concatenate([top.pro_score, top.opp_score]))
             if bad.any():
-                raise FloatingPointError("closed-form scores are NaN/inf: check the model's "
-                                         "weights for NaN/inf")
+                raise NonFiniteError("closed-form scores are NaN/inf: check the model's "
+                                     "weights for NaN/inf")
             if directory is not None:
                 if dense:
                     save_npy(directory / "scores.npy", w)
@@ -716,9 +607,10 @@ class Attributor:
                 complete_stage(directory, "solve", payload)
                 if resume is not None:
                     resume.unlink(missing_ok=True)
+        # No regression: no responses over subsets ([Q, 0]), no penalty, no intercept.
         return Attribution(w, list(query_ids), list(self.train.ids), g[:, :0],
-                           np.asarray(responses.base_loss_q), np.full(Q, np.nan), np.zeros(Q),
-                           top)
+                           np.asarray(responses.base_loss_q), top_scores=top,
+                           estimator_q=np.full(Q, CLOSED_FORM))
 
     def measure(self, queries: TokenizedSet) -> Responses:
         """Responses ``y[q, k]`` of the queries to every operator (stage ``responses``); with
@@ -727,10 +619,15 @@ class Attributor:
             return self.query_gradients(queries)
         ops = self.fit_operators()
         qfp = rows_fingerprint(queries)
-        # One directory per query set, so new queries reuse the operators without a clash.
-        directory = None if self.workdir is None else self.workdir / "responses" / qfp
+        # One directory per query set (and measurement), so new queries or another measurement
+        # reuse the operators without a clash.
+        name = qfp
         payload = {"operators": self._stamp("operators"), "queries": qfp,
                    "measure": to_dict(self.config.measure)}
+        if self.measurement is not None:   # the default adds no key: older stamps stay valid
+            payload["measurement"] = self.measurement.stamp()
+            name = f"{qfp}-{array_fingerprint(extra=payload['measurement'])[:8]}"
+        directory = None if self.workdir is None else self.workdir / "responses" / name
         if directory is not None and open_stage(directory, "responses", payload,
                                                 overwrite=self.overwrite):
             res = Responses(np.load(directory / "y.npy", allow_pickle=False),
@@ -739,12 +636,12 @@ class Attributor:
             return res
         res = measure_responses(self.lm, self.config.steering.site, ops.basis, ops.coef,
                                 queries, self.config.measure, progress=self.progress,
-                                mesh=self.mesh)
+                                mesh=self.mesh, measurement=self.measurement)
         bad = ~np.isfinite(res.y_qk)
         if bad.any():
             q, k = (int(v[0]) for v in np.nonzero(bad))
             where = "" if directory is None else f" in {self.workdir / 'operators'}"
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"{int(bad.sum())} responses are NaN/inf (first: query {queries.ids[q]!r}, "
                 f"subset {k}): the trained operators{where} diverged; lower train.learning_rate "
                 f"and rerun with --overwrite")
@@ -774,8 +671,8 @@ class Attributor:
         design = self.design()
         y = np.asarray(responses.y_qk, np.float64)
         if y.ndim != 2 or y.shape[1] != design.num_subsets:
-            raise ValueError(f"responses have shape {y.shape}; expected [queries, "
-                             f"{design.num_subsets}] for this design")
+            raise DataError(f"responses have shape {y.shape}; expected [queries, "
+                            f"{design.num_subsets}] for this design")
         Q = y.shape[0]
         dense = self.dense_scores(Q)
         rfp = array_fingerprint(np.asarray(responses.y_qk, np.float32))
@@ -790,8 +687,11 @@ class Attributor:
             top = None if dense else TopScores.load(directory / "scores_topk.npz")
             lam = np.load(directory / "lambda.npy", allow_pickle=False)
             b = np.load(directory / "intercept.npy", allow_pickle=False)
+            # A stage finished before the estimators were stored has none to report.
+            est = (np.load(directory / "estimator.npy", allow_pickle=False)
+                   if (directory / "estimator.npy").is_file() else None)
         else:
-            w, top, lam, b = self._solve_queries(design, y, dense)
+            w, top, lam, b, est = self._solve_queries(design, y, dense)
             if directory is not None:
                 if dense:
                     save_npy(directory / "scores.npy", w)
@@ -799,10 +699,11 @@ class Attributor:
                     top.save(directory / "scores_topk.npz")
                 save_npy(directory / "lambda.npy", lam)
                 save_npy(directory / "intercept.npy", b)
+                save_npy(directory / "estimator.npy", est)
                 complete_stage(directory, "solve", payload)
         qids = list(query_ids) if query_ids is not None else [str(i) for i in range(Q)]
         return Attribution(w, qids, list(self.train.ids), np.asarray(responses.y_qk),
-                           np.asarray(responses.base_loss_q), lam, b, top)
+                           np.asarray(responses.base_loss_q), lam, b, top, est)
 
     def _solve_queries(self, design: Design, y: np.ndarray, dense: bool):
         """This process's share of the queries, solved in blocks, gathered from all processes."""
@@ -813,7 +714,7 @@ class Attributor:
         # Dense scores are solved in one call; top-k scores block by block, so only one block's
         # [query_chunk, n] matrix exists at a time.
         block = max(stop - start, 1) if dense else cfg.query_chunk
-        ws, tops, lams, bs = [], [], [], []
+        ws, tops, lams, bs, ridge = [], [], [], [], []
         with query_sharding(self.query_mesh):
             for lo in range(start, stop, block):
                 hi = min(lo + block, stop)
@@ -825,26 +726,35 @@ class Attributor:
                     tops.append(TopScores.from_dense(w, self.config.topk))
                 lams.append(np.asarray(out.lam_q, np.float64))
                 bs.append(np.asarray(out.intercept_q, np.float64))
+                ridge.append((out.info["estimator_q"] == "ridge").astype(np.float64))
         n, k = design.num_examples, self.config.topk
         # The process with fewer queries pads its share, so every gather has one shape.
         lam = _pad_rows(np.concatenate(lams or [np.zeros(0)]), per)
         b = _pad_rows(np.concatenate(bs or [np.zeros(0)]), per)
+        # Gathered as numbers (process_allgather takes no strings), named after.
+        r = _pad_rows(np.concatenate(ridge or [np.zeros(0)]), per)
+
+        def names(r_q):
+            return np.where(np.asarray(r_q) > 0.5, "ridge", "lasso")
+
         if dense:
             w = _pad_rows(np.concatenate(ws) if ws else np.zeros((0, n), np.float32), per)
-            w, lam, b = _gather_queries((w, lam, b), Q)
-            return w, None, lam, b
+            w, lam, b, r = _gather_queries((w, lam, b, r), Q)
+            return w, None, lam, b, names(r)
         empty = TopScores(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
                           np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
         top = TopScores.concat(tops) if tops else empty
         top = TopScores(*(_pad_rows(a, per, -1 if a.dtype == np.int64 else 0) for a in top))
-        *parts, lam, b = _gather_queries((*top, lam, b), Q)
-        return None, TopScores(*parts), lam, b
+        *parts, lam, b, r = _gather_queries((*top, lam, b, r), Q)
+        return None, TopScores(*parts), lam, b, names(r)
 
     def self_influence(self, num_outside: int | None = None) -> np.ndarray:
         """Memorisation score of every training example, ``[n]`` (stage ``selfinf``; see
         :mod:`stride_jax.apps.selfinf`): its gain under the operators of the subsets holding it
         over that under a sample of ``num_outside`` (default d) subsets without it."""
         from stride_jax.apps.selfinf import self_influence
+        if num_outside in self._selfinf:
+            return self._selfinf[num_outside]
         ops = self.fit_operators()
         directory = self._stage_dir("selfinf")
         payload = {"operators": self._stamp("operators"), "num_outside": num_outside,
@@ -855,17 +765,20 @@ class Attributor:
             payload = {"operators": self._stamp("operators")}
             if directory is not None and open_stage(directory, "selfinf", payload,
                                                     overwrite=self.overwrite):
-                return np.load(directory / "score.npy", allow_pickle=False)
+                self._selfinf[num_outside] = np.load(directory / "score.npy", allow_pickle=False)
+                return self._selfinf[num_outside]
             g = operator_gradients(self.lm, self.train, ops, self.config.closed_form,
                                    mesh=self.mesh, progress=self.progress)
             score = np.einsum("nd,nd->n", g, g).astype(np.float32)
             if directory is not None:
                 save_npy(directory / "score.npy", score)
                 complete_stage(directory, "selfinf", payload)
+            self._selfinf[num_outside] = score
             return score
         if directory is not None and open_stage(directory, "selfinf", payload,
                                                 overwrite=self.overwrite):
-            return np.load(directory / "score.npy", allow_pickle=False)
+            self._selfinf[num_outside] = np.load(directory / "score.npy", allow_pickle=False)
+            return self._selfinf[num_outside]
         out = self_influence(self.lm, self.config.steering.site, ops.basis, ops.coef,
                              self.design(), self.train, key=jax.random.fold_in(self.root, 3),
                              num_outside=num_outside, batch=self.config.measure.query_batch,
@@ -873,6 +786,7 @@ class Attributor:
         if directory is not None:
             save_npy(directory / "score.npy", out.score_n)
             complete_stage(directory, "selfinf", payload)
+        self._selfinf[num_outside] = out.score_n
         return out.score_n
 
     def token_responses(self, queries: TokenizedSet) -> Responses:
@@ -926,6 +840,53 @@ class Attributor:
     def attribute(self, queries: TokenizedSet) -> Attribution:
         """All stages: operators, measurement, recovery."""
         return self.solve(self.measure(queries), queries.ids)
+
+    def write(self, result: Attribution, queries: TokenizedSet, out_dir: str | Path | None = None,
+              *, tokenizer=None, self_influence: bool = False, report: bool = False,
+              title: str | None = None) -> Path:
+        """Write everything ``stride-jax attribute`` writes for ``result`` into ``out_dir``
+        (default: the workdir), in one call (files: :mod:`stride_jax.attribution`):
+
+        * ``scores.npy`` (or ``scores_topk.npz``), ``ids.json``, ``per_query.npz`` and
+          ``topk.jsonl``, with the rows' texts when a ``tokenizer`` decodes them;
+        * ``tokens.json``: the per-token attribution of the first ``config.token_queries``
+          queries (tokens shown as ids without a tokenizer);
+        * ``selfinf.json`` with ``self_influence=True`` (the ``selfinf`` stage);
+        * ``report.html`` with ``report=True`` (:mod:`stride_jax.apps.report`, ``title``).
+
+        ``queries`` are the rows ``result`` was computed for. Returns the directory.
+        """
+        from stride_jax.attribution import write_selfinf, write_tokens
+        if out_dir is None and self.workdir is None:
+            raise ConfigError("Attributor.write needs out_dir (this Attributor has no workdir)")
+        out = Path(out_dir) if out_dir is not None else self.workdir
+        if list(queries.ids) != list(result.query_ids):
+            raise DataError("Attributor.write: the queries are not the rows the result was "
+                            "computed for (their ids differ); pass the same queries")
+        train_texts = query_texts = None
+        decode = _token_ids_text
+        if tokenizer is not None:
+            from stride_jax.tokenizer import as_backend, row_texts
+            train_texts, query_texts = row_texts(self.train, tokenizer), row_texts(queries,
+                                                                                   tokenizer)
+            decode = as_backend(tokenizer).decode
+        result.write(out, train_texts=train_texts, query_texts=query_texts, k=self.config.topk)
+        if self.config.token_queries > 0 and self.measurement is not None:
+            log.info("no tokens.json: per-token attribution describes the default measurement, "
+                     "not %s", self.measurement.stamp())
+        elif self.config.token_queries > 0:
+            few = queries.subset(range(min(self.config.token_queries, len(queries))))
+            write_tokens(out, self.token_attribution(few, result, decode))
+        if self_influence:
+            write_selfinf(out, self.train.ids, self.self_influence())
+        if report:
+            from stride_jax.apps.report import write_report
+            write_report(out, title=title)
+        return out
+
+
+def _token_ids_text(ids: Sequence[int]) -> str:
+    return " ".join(str(int(i)) for i in ids)
 
 
 def _merge_top(acc: dict, lo: int, hi: int, s_chunk: np.ndarray) -> dict:

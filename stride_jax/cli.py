@@ -16,6 +16,8 @@ from pathlib import Path
 
 from stride_jax import __version__
 
+from stride_jax.errors import ConfigError
+
 log = logging.getLogger("stride_jax")
 
 DEFAULT_RUN_DIR = Path("runs/demo")
@@ -148,49 +150,13 @@ def cmd_demo(args) -> int:
               inputs={"demo": {"recipe": to_dict(cfg), "queries": len(queries)}})
     result, train_texts, query_texts = _attribute_and_write(
         model, corpus.tokenizer, corpus.train, queries, att_cfg, args.out / "attribution",
-        overwrite=args.overwrite, progress=not args.quiet)
+        overwrite=args.overwrite, progress=not args.quiet, report=True, title="stride-jax demo")
     print_attribution(result, train_texts, query_texts)
-    from stride_jax.apps.report import write_report
-    page = write_report(args.out / "attribution", title="stride-jax demo")
+    page = args.out / "attribution" / "report.html"
     print(f"\nattribution took {time.perf_counter() - t1:.0f} s; scores and topk.jsonl are in "
           f"{args.out / 'attribution'} (total {time.perf_counter() - t0:.0f} s)")
     print(f"report (open in a browser): {page}")
     return 0
-
-
-class RowTexts:
-    """The decoded text of each row's real tokens, a read-only sequence decoded on access.
-
-    Outputs name a few rows per query (topk.jsonl, the printout), so a training set of ``n``
-    rows, possibly memory-mapped and larger than memory, is never decoded whole. Supports
-    ``len``, indexing (negative too), slicing (a list) and iteration.
-    """
-
-    def __init__(self, rows, tokenizer) -> None:
-        from stride_jax.tokenizer import as_backend
-        self._rows = rows
-        self._backend = as_backend(tokenizer)
-
-    def __len__(self) -> int:
-        return len(self._rows.input_ids)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        j = i + n if i < 0 else i
-        if not 0 <= j < n:
-            raise IndexError(f"row {i} out of range for {n} rows")
-        ids, mask = self._rows.input_ids[j], self._rows.attention_mask[j]
-        return self._backend.decode([int(t) for t, m in zip(ids, mask) if m])
-
-    def __iter__(self):
-        return (self[j] for j in range(len(self)))
-
-
-def row_texts(rows, tokenizer) -> RowTexts:
-    """Decoded text of each row's real tokens (decoded lazily, see :class:`RowTexts`)."""
-    return RowTexts(rows, tokenizer)
 
 
 def _snippet(text: str, width: int = 110) -> str:
@@ -218,7 +184,7 @@ def print_attribution(result, train_texts, query_texts, *, queries: int = 3, k: 
 def _open_run(out: Path, cfg, *, overwrite: bool, inputs: dict) -> None:
     """Stamp the run directory with everything its outputs depend on; other outputs there are
     refused, or with --overwrite removed, before any work (stride_jax.io.outdir)."""
-    from stride_jax.attributor import RUN_ARTIFACTS, SELF_STAMPED
+    from stride_jax.attribution import RUN_ARTIFACTS, SELF_STAMPED
     from stride_jax.config import to_dict
     from stride_jax.io.outdir import open_output_dir
     open_output_dir(out, "attribute", {**inputs, "config": to_dict(cfg)}, overwrite=overwrite,
@@ -226,28 +192,22 @@ def _open_run(out: Path, cfg, *, overwrite: bool, inputs: dict) -> None:
 
 
 def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Path, *,
-                         overwrite: bool, progress: bool, self_influence: bool = False):
+                         overwrite: bool, progress: bool, self_influence: bool = False,
+                         report: bool = False, title: str | None = None):
     import numpy as np
 
     from stride_jax.attributor import Attributor
-    from stride_jax.io.atomic import write_json
     from stride_jax.io.outdir import complete_output_dir
-    from stride_jax.tokenizer import as_backend
+    from stride_jax.tokenizer import row_texts
     att = Attributor(model, train_rows, cfg, workdir=out, overwrite=overwrite, progress=progress)
     result = att.attribute(query_rows)
+    att.write(result, query_rows, out, tokenizer=tokenizer, self_influence=self_influence,
+              report=report, title=title)
     train_texts, query_texts = row_texts(train_rows, tokenizer), row_texts(query_rows, tokenizer)
-    result.write(out, train_texts=train_texts, query_texts=query_texts, k=cfg.topk)
-    if cfg.token_queries > 0:
-        few = query_rows.subset(range(min(cfg.token_queries, len(query_rows))))
-        tokens = att.token_attribution(few, result, as_backend(tokenizer).decode)
-        write_json(out / "tokens.json", tokens, ensure_ascii=False)
     if self_influence:
-        score = att.self_influence()
-        write_json(out / "selfinf.json", {"ids": list(train_rows.ids),
-                                          "score": [float(v) for v in score]})
-        top = np.argsort(-score)[:3]
+        score = att.self_influence()   # computed by write, kept in memory
         print("most memorised training rows (self-influence, nats/token):")
-        for i in top:
+        for i in np.argsort(-score)[:3]:
             print(f"  {score[i]:+.3f}  {train_rows.ids[i]:<28} {_snippet(train_texts[i], 70)}")
     complete_output_dir(out)
     return result, train_texts, query_texts
@@ -318,8 +278,8 @@ def cmd_attribute(args) -> int:
     context = model.config.max_position_embeddings
     seq_len = cfg.data.seq_len or min(context, 256)
     if seq_len > context:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context ({context} "
-                         f"tokens); set data.seq_len to at most {context} (or null)")
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context ({context} "
+                          f"tokens); set data.seq_len to at most {context} (or null)")
     fmt = cfg.data.format
     mode = cfg.data.train_mode
     if mode == "auto":   # by content, not by the file name
@@ -375,11 +335,8 @@ def cmd_attribute(args) -> int:
 
 
 def _write_ids(path: Path, task) -> None:
-    import json
-
-    from stride_jax.io.atomic import atomic_write_text
-    atomic_write_text(path, json.dumps({"queries": list(task.queries.ids),
-                                        "train": list(task.train.ids)}) + "\n")
+    from stride_jax.attribution import write_ids
+    write_ids(path, task.queries.ids, task.train.ids)
 
 
 def cmd_groundtruth(args) -> int:
@@ -432,60 +389,45 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _load_scores(path: Path):
-    """A ``[queries, train]`` scores array from ``.npy``, with errors that say what to pass."""
-    import numpy as np
-    hint = "pass the scores.npy written by `stride-jax attribute` or `stride-jax score`"
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; pass the scores.npy file in it")
-    if not path.is_file():
-        raise FileNotFoundError(f"no scores file {path}; {hint}")
-    # Checked first: numpy reads any other file as a pickle and then advises loading it unsafely.
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic != b"\x93NUMPY":
-        what = "it is empty" if not magic else "it lacks the .npy header"
-        raise ValueError(f"{path} is not a .npy file ({what}); {hint}")
-    try:
-        scores = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a .npy array of scores ({e}); {hint}") from None
-    if scores.dtype.kind not in "fiu":
-        what = {"U": "text", "S": "bytes", "b": "booleans", "c": "complex numbers",
-                "M": "dates", "m": "time spans"}.get(scores.dtype.kind, "records")
-        raise ValueError(f"{path} holds {what} (dtype {scores.dtype.str}), not real-valued "
-                         f"scores; {hint}")
-    bad = int(np.size(scores) - np.count_nonzero(np.isfinite(scores)))
-    if bad:
-        raise ValueError(f"{path} holds {bad} NaN/inf score(s) of {scores.size}; the scores are "
-                         f"broken: rerun the command that wrote them")
-    return scores
+_SCORES_HINT = "pass the scores.npy written by `stride-jax attribute` or `stride-jax score`"
+
+
+def _dense_scores(path: Path):
+    """The ``[queries, train]`` scores of ``--scores`` (a scores file or its run directory)."""
+    from stride_jax.attribution import Attribution
+    from stride_jax.errors import DataError
+    result = Attribution.load(path, hint=_SCORES_HINT)
+    if result.scores_qn is None:
+        raise DataError(f"{path} holds only each query's top scores (scores=topk); this needs "
+                        f"every score: rerun the attribution with scores=dense")
+    return result
 
 
 def cmd_evaluate(args) -> int:
-    import json
-
+    from stride_jax.attribution import IDS, read_ids
+    from stride_jax.errors import DataError
     from stride_jax.eval.groundtruth import load_groundtruth
     from stride_jax.eval.metrics import lds
     from stride_jax.io.atomic import write_json
 
     _check_json_out(args, "lds.json")
-    scores = _load_scores(args.scores)
+    run = _dense_scores(args.scores)
+    scores = run.scores_qn
     gt = load_groundtruth(args.groundtruth)
     S, n = gt.masks_sn.shape
     Q = gt.losses_sq.shape[1]
-    if scores.ndim != 2 or scores.shape != (Q, n):
-        raise ValueError(f"{args.scores} holds scores of shape {scores.shape} but the ground "
-                         f"truth in {args.groundtruth} is over {Q} queries x {n} training "
-                         f"examples: score the same queries and training set (same order)")
-    ids_s, ids_g = args.scores.parent / "ids.json", args.groundtruth / "ids.json"
-    if ids_s.is_file() and ids_g.is_file():
-        a, b = json.loads(ids_s.read_text()), json.loads(ids_g.read_text())
-        for part in ("queries", "train"):
-            if a.get(part) != b.get(part):
-                raise ValueError(f"the {part} ids next to {args.scores} differ from those of the "
-                                 f"ground truth ({ids_g}): the scores are for other data or "
-                                 f"another order")
+    if scores.shape != (Q, n):
+        raise DataError(f"{args.scores} holds scores of shape {scores.shape} but the ground "
+                        f"truth in {args.groundtruth} is over {Q} queries x {n} training "
+                        f"examples: score the same queries and training set (same order)")
+    ids_g = args.groundtruth / IDS
+    if run.query_ids is not None and ids_g.is_file():
+        for part, ours, theirs in zip(("queries", "train"), (run.query_ids, run.train_ids),
+                                      read_ids(ids_g, hint="rerun `stride-jax groundtruth`")):
+            if ours != theirs:
+                raise DataError(f"the {part} ids next to {args.scores} differ from those of the "
+                                f"ground truth ({ids_g}): the scores are for other data or "
+                                f"another order")
     result = lds(scores, gt.masks_sn, gt.losses_sq, bootstrap=args.bootstrap)
     print(result.format())
     if args.json is not None:
@@ -509,11 +451,11 @@ def cmd_counterfactual(args) -> int:
 
     cfg = _load(TaskConfig, args)
     _check_json_out(args, "counterfactual.json")
-    scores = _load_scores(args.scores)
+    scores = _dense_scores(args.scores).scores_qn
     task = build_task(cfg)
     if scores.shape != (task.num_queries, task.n):
-        raise ValueError(f"{args.scores} has shape {scores.shape}; the {cfg.kind} task has "
-                         f"{task.num_queries} queries x {task.n} training examples")
+        raise ConfigError(f"{args.scores} has shape {scores.shape}; the {cfg.kind} task has "
+                          f"{task.num_queries} queries x {task.n} training examples")
     k = int(args.k) if args.k >= 1 else max(1, int(round(args.k * task.n)))
     queries = np.arange(min(args.queries, task.num_queries))
     got = counterfactual(task, scores, k=k, queries=queries, num_random=args.random)
@@ -759,14 +701,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # orbax logs routine async-save timing through absl at WARNING level.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from stride_jax.io.atomic import DiskFullError
+    from stride_jax.errors import StrideError
     args.cleanup = contextlib.ExitStack()   # what a command holds until it ends (its lock)
     try:
         with args.cleanup:
             return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, ModuleNotFoundError,
-            DiskFullError) as e:
-        # Our errors name the problem and the fix: one clear line; -v shows the traceback.
+    except (StrideError, FileNotFoundError, PermissionError) as e:
+        # Our errors name the problem and the fix, and a missing or unreadable path names
+        # itself: one clear line; -v shows the traceback. Anything else is a bug in stride-jax
+        # and keeps its traceback (OSErrors aside, below).
         if args.verbose:
             raise
         print(f"stride-jax {args.command}: error: {e}", file=sys.stderr)

@@ -12,6 +12,8 @@ A config is a (possibly nested) frozen dataclass whose fields carry help text::
         seeds: tuple[int, ...] = option((0,), "random seeds, one run each")
 
     cfg = load_config(Run, "configs/run.yaml", ["optim.lr=3e-4", "seeds=[0,1,2]"])
+    cfg = with_overrides(cfg, "optim.lr=1e-4")           # the same dotted keys, from Python
+    cfg = with_overrides(cfg, **{"optim.lr": 1e-4})      # ... with Python values
 
 Loading is strict, because a typo silently falling back to a default wastes a run:
 
@@ -50,6 +52,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from stride_jax.errors import ConfigError
 from stride_jax.io.atomic import atomic_write_text
 
 __all__ = [
@@ -68,13 +71,10 @@ __all__ = [
     "option",
     "parse_yaml",
     "to_dict",
+    "with_overrides",
 ]
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file, override or value is invalid; the message says which key and why."""
 
 
 class ConfigValueError(ConfigError):
@@ -497,21 +497,45 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 f"override {item!r} has an empty value; write {key}=null for None or "
                 f"{key}=\"''\" for an empty string"
             )
-        value = parse_yaml(text, source=f"override {item!r}")
-        parts = key.split(".")
-        node = out
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {item!r}: {'.'.join(parts[: depth + 1])!r} is "
-                    f"{_describe(child)}, not a section, so it has no key {parts[depth + 1]!r}"
-                )
-            node = child
-        node[parts[-1]] = value
+        _set_dotted(out, key, parse_yaml(text, source=f"override {item!r}"), item)
     return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str) -> None:
+    """``data[a][b][c] = value`` for ``key = "a.b.c"``; ``item`` names the override in errors."""
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"override {item!r}: {'.'.join(parts[: depth + 1])!r} is "
+                f"{_describe(child)}, not a section, so it has no key {parts[depth + 1]!r}"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def with_overrides(config: T, *overrides: str, **values: Any) -> T:
+    """A copy of the config dataclass ``config`` with dotted overrides, checked like
+    :func:`load_config` (unknown keys, types, ``__post_init__``)::
+
+        cfg = with_overrides(AttributeConfig(), "train.epochs=5", "steering.site=final_hidden")
+        cfg = with_overrides(cfg, **{"train.epochs": 5, "design.per_example": 10})
+
+    Strings are ``key=value`` overrides parsed as on the command line; keyword arguments give
+    Python values for dotted keys (nested dataclasses and tuples are converted).
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"with_overrides needs a config dataclass instance, got {config!r}")
+    data = apply_overrides(to_dict(config), overrides)
+    for key, value in values.items():
+        if not _KEY_RE.match(key):
+            raise ConfigError(f"malformed override key {key!r}: {_OVERRIDE_USAGE}")
+        _set_dotted(data, key, to_dict(value), f"{key}={value!r}")
+    return from_dict(type(config), data)
 
 
 def load_config(

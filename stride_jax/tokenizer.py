@@ -24,14 +24,18 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from stride_jax.errors import ConfigError, DataError, ModelError
+
 __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "RowTexts",
     "SpecialIds",
     "as_backend",
     "check_model_tokenizer",
     "check_vocab_matches",
     "load_tokenizer",
+    "row_texts",
     "save_tokenizer",
     "special_ids",
     "tokenizer_fingerprint",
@@ -70,7 +74,7 @@ def train_bpe(
     special_tokens = list(special_tokens)
     minimum = 256 + len(special_tokens)
     if vocab_size <= minimum:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} leaves no room for merges: byte-level BPE needs 256 byte "
             f"symbols plus {len(special_tokens)} special tokens; pass vocab_size > {minimum}"
         )
@@ -143,7 +147,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer:
             return tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8-sig"))
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
-        raise ValueError(
+        raise DataError(
             f"{file} is not a readable tokenizer ({e}); the file is corrupt or from an "
             f"unsupported tokenizers version: re-save it with the model (save_tokenizer or "
             f"transformers' save_pretrained)"
@@ -218,7 +222,7 @@ def check_vocab_matches(tok: Any, vocab_size: int) -> None:
     """
     n = vocab_size_of(tok)
     if n > vocab_size:
-        raise ValueError(
+        raise ModelError(
             f"tokenizer has {n} tokens but the model's embedding has {vocab_size} rows; pass the "
             f"tokenizer saved with the model (its tokenizer.json), not one trained or downloaded "
             f"separately"
@@ -255,7 +259,7 @@ def check_model_tokenizer(tok: Any, model_dir: str | os.PathLike[str], *, source
     A model only understands the ids of its own tokenizer: another one of the same (or a
     smaller) vocabulary size runs without error and gives wrong losses and scores. ``tok`` is
     compared with the model directory's ``tokenizer.json``, or else with the fingerprint
-    stride-jax stored with the model (``stride_jax.json``); a mismatch raises ``ValueError``
+    stride-jax stored with the model (``stride_jax.json``); a mismatch raises :class:`ModelError`
     naming both (``source`` is where ``tok`` came from), unless ``force`` (then a warning). A
     model directory with neither cannot be checked (a warning says so).
     """
@@ -280,10 +284,44 @@ def check_model_tokenizer(tok: Any, model_dir: str | os.PathLike[str], *, source
     if force:
         log.warning("%s; using it anyway (--force-tokenizer)", msg)
         return
-    raise ValueError(f"{msg}; a model only understands the ids of its own tokenizer: omit "
+    raise ModelError(f"{msg}; a model only understands the ids of its own tokenizer: omit "
                      f"--tokenizer to use the model's, or pass --force-tokenizer if you know "
                      f"the two encode alike")
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class RowTexts:
+    """The decoded text of each row's real tokens, a read-only sequence decoded on access.
+
+    Outputs name a few rows per query (topk.jsonl, the printout), so a training set of ``n``
+    rows, possibly memory-mapped and larger than memory, is never decoded whole. Supports
+    ``len``, indexing (negative too), slicing (a list) and iteration.
+    """
+
+    def __init__(self, rows, tokenizer) -> None:
+        self._rows = rows
+        self._backend = as_backend(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self._rows.input_ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        ids, mask = self._rows.input_ids[j], self._rows.attention_mask[j]
+        return self._backend.decode([int(t) for t, m in zip(ids, mask) if m])
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
+def row_texts(rows, tokenizer) -> RowTexts:
+    """Decoded text of each row's real tokens (decoded lazily, see :class:`RowTexts`)."""
+    return RowTexts(rows, tokenizer)

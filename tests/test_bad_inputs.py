@@ -830,7 +830,8 @@ def test_implausible_base_loss_is_warned():
 @pytest.mark.parametrize("case,phrase", [
     ("strings", "holds text (dtype <U3), not real-valued scores; pass the scores.npy"),
     ("nan", "holds 1 NaN/inf score(s) of 12"),
-    ("directory", "is a directory; pass the scores.npy file in it"),
+    # --scores takes a run directory too (Attribution.load); this one holds no scores
+    ("directory", "has no scores.npy; pass the scores.npy written by `stride-jax attribute`"),
 ])
 def test_evaluate_scores_that_are_not_numbers(groundtruth, tmp_path, capsys, case, phrase):
     gt, w = groundtruth

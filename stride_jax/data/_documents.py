@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 Format = Literal["auto", "jsonl", "text"]
 FORMATS = ("auto", "jsonl", "text")
 
+from stride_jax.errors import ConfigError, DataError
+
 __all__ = [
     "DataError",
     "Document",
@@ -37,10 +39,6 @@ __all__ = [
     "source_stamp",
     "write_jsonl",
 ]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line), the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +107,7 @@ def detect_format(path: str | os.PathLike[str], *, format: Format = "auto"
     UTF-16/32 text) or a whole JSON document (an array) rather than one object per line.
     """
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     path = Path(path)
     if path.is_dir():
         return "dir"

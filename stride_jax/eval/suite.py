@@ -18,6 +18,7 @@ import numpy as np
 
 from stride_jax.attributor import AttributeConfig, Attributor
 from stride_jax.config import SEED_RANGE, check_ranges, option
+from stride_jax.errors import ConfigError
 from stride_jax.eval.groundtruth import GroundTruthConfig
 from stride_jax.steering import LMFunctions, from_causal_lm, resolve_layer
 from stride_jax.tasks._base import Task
@@ -74,7 +75,7 @@ def build_task(cfg: TaskConfig) -> Task:
     if cfg.kind == "finetune":
         from stride_jax.tasks.lm import build_finetune_task
         return build_finetune_task(cfg.finetune)
-    raise ValueError(f"unknown task kind {cfg.kind!r}; use digits, pretrain or finetune")
+    raise ConfigError(f"unknown task kind {cfg.kind!r}; use digits, pretrain or finetune")
 
 
 def task_lm(task: Task, layer: int | None) -> LMFunctions:
@@ -134,11 +135,11 @@ def run_method(method: str, task: Task, cfg: TaskConfig, *, workdir=None,
         scores = cosine_scores(feats(task.queries), feats(task.train))
     elif method == "bm25":
         if task.train_docs is None:
-            raise ValueError(f"bm25 needs token sequences; the {task.name} task has none")
+            raise ConfigError(f"bm25 needs token sequences; the {task.name} task has none")
         from stride_jax.baselines.text import bm25_scores
         scores = bm25_scores(task.train_docs, task.query_docs)
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     seconds = time.perf_counter() - t0
     scores = np.asarray(scores, np.float32)
     if scores.shape != (task.num_queries, task.n):
@@ -155,7 +156,7 @@ def counterfactual(task: Task, scores_qn: np.ndarray, *, k: int, queries: np.nda
     """
     n = task.n
     if not 1 <= k < n:
-        raise ValueError(f"counterfactual k={k} must lie in 1 .. {n - 1}")
+        raise ConfigError(f"counterfactual k={k} must lie in 1 .. {n - 1}")
     queries = np.asarray(queries)
     keep_top = []
     for q in queries:

@@ -34,22 +34,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stride_jax.errors import OutputLockedError, OutputPathError, StaleArtifactError
 from stride_jax.io.atomic import atomic_write_text, is_writer
-from stride_jax.io.stamps import LOCK_FILE, StaleArtifactError, canonical_payload, describe_changes
+from stride_jax.io.stamps import LOCK_FILE, canonical_payload, describe_changes
 
 __all__ = ["LOCK_FILE", "RUN_STAMP", "OutputLockedError", "OutputPathError", "check_output_dir",
            "check_output_file", "complete_output_dir", "lock_output_dir", "open_output_dir",
            "read_run_stamp"]
 
 RUN_STAMP = "run.json"
-
-
-class OutputPathError(ValueError):
-    """An output path that cannot be written; the message says why and what to pass instead."""
-
-
-class OutputLockedError(ValueError):
-    """Another live process holds the output directory."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from stride_jax.errors import ModelError
+
 Family = Literal["llama", "qwen2", "gpt2"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -49,7 +51,7 @@ class RopeScaling:
                                  "original_max_position_embeddings")
                     if not _positive(getattr(self, name))]
         if problems:
-            raise ValueError("invalid RopeScaling: " + "; ".join(problems))
+            raise ModelError("invalid RopeScaling: " + "; ".join(problems))
 
 
 def _positive(x: Any) -> bool:
@@ -128,7 +130,7 @@ class ModelConfig:
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {sorted(_DTYPES)}")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise ModelError("invalid ModelConfig: " + "; ".join(problems))
 
     # Derived properties -------------------------------------------------------------------------
     @property

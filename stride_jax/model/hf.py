@@ -27,18 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stride_jax.errors import HFConfigError, HFWeightsError
 from stride_jax.model.config import ModelConfig, RopeScaling
 from stride_jax.model.transformer import CausalLM, abstract_model
 
 log = logging.getLogger(__name__)
-
-
-class HFConfigError(ValueError):
-    """An HF ``config.json`` we cannot represent faithfully."""
-
-
-class HFWeightsError(ValueError):
-    """Missing, unused or mis-shaped weights in an HF checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ import math
 import re
 from typing import Any
 
+from stride_jax.errors import ConfigError, MemoryBudgetError
+
 __all__ = ["MemoryBudgetError", "MemoryPlan", "Shapes", "StageMemory", "cache_on_disk", "format_bytes",
            "parse_bytes", "plan_memory", "scores_dense"]
 
@@ -53,10 +55,6 @@ C_TRAIN = 2.5
 C_MEASURE = 2.0
 C_SOLVE = 6.0
 C_CLOSED = 2.0
-
-
-class MemoryBudgetError(ValueError):
-    """No chunking of the result-neutral settings fits the budget."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +119,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read the memory size {text!r}; write e.g. 24GiB, 8GB or 512MiB")
+        raise ConfigError(f"cannot read the memory size {text!r}; write e.g. 24GiB, 8GB or 512MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -139,7 +137,7 @@ def cache_on_disk(cache_cfg, *, rows: int, seq_len: int, width: int, has_workdir
         return False
     if not has_workdir:
         if cache_cfg.location == "disk":
-            raise ValueError("cache.location=disk needs a run directory (workdir / --out)")
+            raise ConfigError("cache.location=disk needs a run directory (workdir / --out)")
         return False
     if cache_cfg.location == "disk":
         return True

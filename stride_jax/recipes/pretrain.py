@@ -31,6 +31,7 @@ from flax import nnx
 from stride_jax.config import SEED_RANGE, check_ranges, dump_config, option, to_dict
 from stride_jax.data import (Document, TokenizedSet, read_documents, shakespeare_plays, split_ids,
                              tokenize_documents)
+from stride_jax.errors import DataError, NonFiniteLossError
 from stride_jax.model import CausalLM, ModelConfig, init_model
 from stride_jax.model.loss import mean_token_loss, sequence_nll
 
@@ -195,7 +196,7 @@ def model_config_for(arch: ArchConfig, vocab_size: int, seq_len: int, *,
 
 def num_steps(n_rows: int, optim: OptimConfig) -> int:
     if n_rows < 1:
-        raise ValueError("no training rows: the training set is empty")
+        raise DataError("no training rows: the training set is empty")
     return max(1, math.ceil(optim.epochs * n_rows / optim.batch_size))
 
 
@@ -242,10 +243,6 @@ def _batch(data: TokenizedSet, idx: np.ndarray) -> dict[str, jax.Array]:
     return {"input_ids": jnp.asarray(data.input_ids[idx]),
             "attention_mask": jnp.asarray(data.attention_mask[idx]),
             "loss_mask": jnp.asarray(data.loss_mask[idx])}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or inf."""
 
 
 def train_lm(model_config: ModelConfig, train: TokenizedSet, optim: OptimConfig, *, seed: int,

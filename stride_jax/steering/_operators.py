@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from stride_jax.config import check_ranges, option
+from stride_jax.errors import ConfigError
 
 Site = Literal["logits", "final_hidden", "residual"]
 
@@ -64,8 +65,8 @@ def default_layer(num_layers: int) -> int:
 def resolve_layer(cfg: SteeringConfig, num_layers: int) -> int:
     layer = default_layer(num_layers) if cfg.layer is None else cfg.layer
     if not 0 <= layer < num_layers:
-        raise ValueError(f"steering.layer={cfg.layer} is out of range: the model has {num_layers} "
-                         f"blocks, so use 0 .. {num_layers - 1} (or null for ~2/3 depth)")
+        raise ConfigError(f"steering.layer={cfg.layer} is out of range: the model has {num_layers} "
+                          f"blocks, so use 0 .. {num_layers - 1} (or null for ~2/3 depth)")
     return layer
 
 
@@ -78,7 +79,7 @@ def init_steering(cfg: SteeringConfig, *, d_reader: int, d_out: int, num_subsets
                   key: jax.Array) -> dict:
     """Basis with variance-preserving random weights; coefficients zero (= the base model)."""
     if num_subsets < 1:
-        raise ValueError("num_subsets must be >= 1")
+        raise ConfigError("num_subsets must be >= 1")
     k1, k2 = jax.random.split(key)
     if cfg.basis == "linear":
         basis = {"w": jax.random.normal(k1, (d_reader, cfg.rank)) / jnp.sqrt(d_reader)}

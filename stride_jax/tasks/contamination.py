@@ -23,6 +23,7 @@ import numpy as np
 
 from stride_jax.attributor import AttributeConfig
 from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
+from stride_jax.errors import ConfigError
 from stride_jax.eval.suite import BaselineConfig
 from stride_jax.tasks._base import Task
 from stride_jax.tasks.lm import PretrainTaskConfig, _first_queries, _make_task, _pretrain_parts
@@ -97,9 +98,9 @@ def leak_plan(num_queries: int, cfg: ContaminationTaskConfig) -> tuple[np.ndarra
     """``(leaked indices, copies [Q])``: ``round(leaked_fraction * Q)`` queries drawn at random
     (seed ``[seed, 1]``), their copies cycled through ``cfg.copies`` in increasing query order."""
     if not 0.0 <= cfg.leaked_fraction <= 1.0:
-        raise ValueError(f"leaked_fraction={cfg.leaked_fraction} must lie in [0, 1]")
+        raise ConfigError(f"leaked_fraction={cfg.leaked_fraction} must lie in [0, 1]")
     if not cfg.copies or min(cfg.copies) < 1:
-        raise ValueError(f"copies={list(cfg.copies)} must be a non-empty list of counts >= 1")
+        raise ConfigError(f"copies={list(cfg.copies)} must be a non-empty list of counts >= 1")
     m = int(round(cfg.leaked_fraction * num_queries))
     rng = np.random.default_rng([cfg.seed, 1])
     leaked = np.sort(rng.choice(num_queries, m, replace=False))
@@ -116,8 +117,8 @@ def build_contamination_task(cfg: ContaminationTaskConfig = ContaminationTaskCon
     queries = _first_queries(corpus.heldout, cfg.base.num_queries)
     leaked, copies = leak_plan(len(queries), cfg)
     if leaked.size == 0:
-        raise ValueError(f"leaked_fraction={cfg.leaked_fraction} of {len(queries)} queries leaks "
-                         f"none; raise it")
+        raise ConfigError(f"leaked_fraction={cfg.leaked_fraction} of {len(queries)} queries leaks "
+                          f"none; raise it")
     train, replica_map = inject(corpus.train, queries, leaked, copies, seed=cfg.seed,
                                 noise=cfg.noise)
     task = _make_task("contamination", graphdef=graphdef, init_params=init_params, train=train,
@@ -155,9 +156,9 @@ def run_audit(cfg: ContaminationConfig = ContaminationConfig(),
     methods = tuple(methods if methods is not None else cfg.methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if cfg.k < 1:
-        raise ValueError(f"k={cfg.k} must be >= 1")
+        raise ConfigError(f"k={cfg.k} must be >= 1")
     work = Path(workdir) if workdir is not None else None
     t0 = time.perf_counter()
     ct = build_contamination_task(cfg.task) if built is None else built

@@ -25,6 +25,7 @@ from flax import nnx
 
 from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.data import TokenizedSet, shakespeare_plays, split_ids, tokenize_documents
+from stride_jax.errors import ConfigError
 from stride_jax.model import init_model
 from stride_jax.model.loss import mean_token_loss, sequence_nll
 from stride_jax.recipes.pretrain import (ArchConfig, CorpusConfig, OptimConfig, build_corpus,
@@ -97,7 +98,7 @@ def _lm_functions(graphdef):
 def _first_queries(rows: TokenizedSet, k: int) -> TokenizedSet:
     keep = [i for i in range(len(rows)) if rows.loss_mask[i].sum() > 0][:k]
     if not keep:
-        raise ValueError("no held-out rows to use as queries; raise heldout_fraction")
+        raise ConfigError("no held-out rows to use as queries; raise heldout_fraction")
     return rows.subset(keep)
 
 

@@ -68,8 +68,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import ConfigError, DataError
 from stride_jax.steering import LMFunctions
 
 log = logging.getLogger(__name__)
@@ -103,21 +104,13 @@ class ClosedFormConfig:
 
     def __post_init__(self) -> None:
         rd = self.reader_damping
-        if isinstance(rd, str):
-            if rd not in ("auto", "none"):
-                raise ValueError(f"closed_form.reader_damping must be 'auto', 'none' or a "
-                                 f"positive number, got {rd!r}")
-        elif isinstance(rd, bool) or not (np.isfinite(rd) and rd > 0):
-            raise ValueError(f"closed_form.reader_damping must be 'auto', 'none' or a positive "
-                             f"number, got {rd!r}")
-        if isinstance(self.output_damping, bool) or not (
-                np.isfinite(self.output_damping) and self.output_damping > 0):
-            raise ValueError(f"closed_form.output_damping must be a positive number, got "
-                             f"{self.output_damping!r}")
-        for name in ("full_metric_limit", "max_dim", "batch_size", "checkpoint_rows"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"closed_form.{name} must be a positive integer, got {v!r}")
+        extra = []
+        if (rd not in ("auto", "none") if isinstance(rd, str) else
+                isinstance(rd, bool) or not (np.isfinite(rd) and rd > 0)):
+            extra.append(("reader_damping", rd, "must be 'auto', 'none' or a positive number"))
+        check_ranges(self, {"output_damping": "> 0", "full_metric_limit": ">= 1",
+                            "max_dim": ">= 1", "batch_size": ">= 1", "checkpoint_rows": ">= 1"},
+                     extra=extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +127,9 @@ def site_width(lm: LMFunctions, site: str) -> int:
         return lm.vocab_size
     if site == "final_hidden":
         return lm.d_final
-    raise ValueError(f"closed-form operators need a site whose shift is linear in the logits "
-                     f"('logits' or 'final_hidden'), not {site!r}; set steering.site, or "
-                     f"operators=trained for the residual site")
+    raise ConfigError(f"closed-form operators need a site whose shift is linear in the logits "
+                      f"('logits' or 'final_hidden'), not {site!r}; set steering.site, or "
+                      f"operators=trained for the residual site")
 
 
 def _terms(lm: LMFunctions, site: str, params, ids, mask, targets, loss_mask):
@@ -276,8 +269,8 @@ def fit_factors(lm: LMFunctions, data: TokenizedSet, site: str, cfg: ClosedFormC
                    resume_path=resume_path)
     n_tok = float(acc["n"])
     if n_tok <= 0:
-        raise ValueError("the training rows have no scored token: nothing to fit the "
-                         "operators on (check the loss masks / completions)")
+        raise DataError("the training rows have no scored token: nothing to fit the "
+                        "operators on (check the loss masks / completions)")
     A = acc["a"] / n_tok
     p_bar = acc["p"] / n_tok
     eig_a, q_a = _eigh(A)

@@ -43,6 +43,7 @@ import optax
 
 from stride_jax.config import check_ranges, option
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import ConfigError, DataError, NonFiniteOperatorLossError
 from stride_jax.steering import (LMFunctions, SteeringConfig, basis_features,
                                  delta_logprob_and_kl, init_steering, logit_shift, shift)
 from stride_jax.train._cache import ActivationCache
@@ -105,10 +106,6 @@ class OperatorState(NamedTuple):
     step: jax.Array          # scalar int32
 
 
-class NonFiniteOperatorLossError(FloatingPointError):
-    """An operator's training loss became NaN or inf."""
-
-
 def validate(cfg: OperatorTrainConfig) -> None:
     """Check ``cfg`` (the checks run when a config is made; kept for callers)."""
     cfg.__post_init__()
@@ -139,7 +136,7 @@ def padded_members(design) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.diff(design.indptr).astype(np.int32)
     if (sizes == 0).any():
         k = int(np.flatnonzero(sizes == 0)[0])
-        raise ValueError(f"subset {k} of the design is empty; lower K or raise d")
+        raise ConfigError(f"subset {k} of the design is empty; lower K or raise d")
     members = np.full((design.num_subsets, int(sizes.max())), -1, np.int32)
     for k in range(design.num_subsets):
         m = design.cols[design.indptr[k]:design.indptr[k + 1]]
@@ -336,12 +333,12 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     validate(cfg)
     site = steering.site
     if site == "residual" and lm.upper is None:
-        raise ValueError("the residual site needs the model's upper layers (LMFunctions.upper)")
+        raise DataError("the residual site needs the model's upper layers (LMFunctions.upper)")
     if cache.num_rows != len(data):
-        raise ValueError(f"cache has {cache.num_rows} rows but the training set has {len(data)}")
+        raise DataError(f"cache has {cache.num_rows} rows but the training set has {len(data)}")
     if design.num_examples != len(data):
-        raise ValueError(f"design is over {design.num_examples} examples but the training set has "
-                         f"{len(data)} rows")
+        raise DataError(f"design is over {design.num_examples} examples but the training set has "
+                        f"{len(data)} rows")
     k_init, k_order, k_rows, k_probe, k_sketch = (jax.random.fold_in(key, i) for i in range(5))
     K = design.num_subsets
     d_out = lm.vocab_size if site == "logits" else lm.d_final
