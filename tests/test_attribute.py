@@ -19,6 +19,7 @@ from _tiny import TINY, write_pairs
 
 
 FAST = AttributeConfig(
+    operators="trained",
     design=DesignConfig(num_subsets=40, per_example=4),
     train=OperatorTrainConfig(epochs=3, subsets_per_step=20, rows_per_subset=4, stability_rows=4,
                               tokens_per_row=8),

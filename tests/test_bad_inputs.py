@@ -179,11 +179,11 @@ ATTRIBUTE_CASES = {
          "lower design.per_example or raise design.num_subsets"]),
     "design_empty_subsets": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
-                         ["design.num_subsets=100", "design.per_example=1"]),
+                         ["operators=trained", "design.num_subsets=100", "design.per_example=1"]),
         ["num_subsets=100, per_example=1", "is empty (", "of 100 are)", "lower K or raise d"]),
     "design_subsets_cannot_fill": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
-                         ["design.num_subsets=1000", "design.per_example=1"]),
+                         ["operators=trained", "design.num_subsets=1000", "design.per_example=1"]),
         ["design.num_subsets=1000 leaves subsets empty: n=120 rows",
          "lower design.num_subsets to at most 120 (or null), or raise design.per_example"]),
     "rank_zero": (
@@ -224,7 +224,8 @@ ATTRIBUTE_CASES = {
     # Degenerate training sets and settings checked against them before any training.
     "one_training_row": (
         lambda m, d, t: (m, _lines(d / "train.jsonl", t / "one.jsonl", 1), d / "queries.jsonl",
-                         ["design.num_subsets=null", "design.per_example=40"]),
+                         ["operators=trained", "design.num_subsets=null",
+                          "design.per_example=40"]),
         ["1 training row(s): attribution compares subsets with and without each example, so it "
          "needs at least 2 training rows"]),
     "cv_folds_above_k": (
@@ -234,7 +235,8 @@ ATTRIBUTE_CASES = {
          "set solve.cv_folds to at most 4"]),
     "cv_folds_above_automatic_k": (
         lambda m, d, t: (m, _lines(d / "train.jsonl", t / "two.jsonl", 2), d / "queries.jsonl",
-                         ["design.num_subsets=null", "design.per_example=1"]),
+                         ["operators=trained", "design.num_subsets=null",
+                          "design.per_example=1"]),
         ["solve.cv_folds=3 exceeds the K=2 subsets (chosen for n=2 training rows and "
          "design.per_example=1; design.num_subsets sets it)", "set solve.cv_folds to at most 2"]),
     # Settings out of their range, refused when the config is loaded.
@@ -367,7 +369,7 @@ def test_diverging_operator_loss_names_step_and_subset_and_keeps_checkpoint(tiny
     # subset is harmless at zero coefficients, its second visit (epoch 2) blows up, so the first
     # epoch's steps are good and checkpointed.
     err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", run,
-                            [f"train.learning_rate={lr}", "train.epochs=2",
+                            ["operators=trained", f"train.learning_rate={lr}", "train.epochs=2",
                              "train.subsets_per_step=10", "train.checkpoint_every=1"]), capsys)
     assert f"{what} at step 4 of 6 (first bad subset: " in err, err
     assert f"lower train.learning_rate (now {float(lr):g})" in err, err
@@ -383,7 +385,8 @@ def test_diverged_operators_give_a_clear_error_at_measurement(tiny, tmp_path, ca
     ends 'successfully', but the operators are inf; measurement names the problem and the fix."""
     model_dir, data = tiny
     err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl",
-                            tmp_path / "run", ["train.learning_rate=1e38", "train.epochs=1"]),
+                            tmp_path / "run", ["operators=trained", "train.learning_rate=1e38",
+                                               "train.epochs=1"]),
                  capsys)
     assert "responses are NaN/inf (first: query 'q0', subset " in err, err
     assert "diverged; lower train.learning_rate and rerun with --overwrite" in err, err
@@ -679,7 +682,8 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tiny, tmp_path, capsys, monkey
 
     monkeypatch.setattr(OperatorCheckpointer, "save", save_then_interrupt)
     args = _attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", tmp_path / "run",
-                      ["train.subsets_per_step=10", "train.checkpoint_every=1", "train.epochs=2"])
+                      ["operators=trained", "train.subsets_per_step=10",
+                       "train.checkpoint_every=1", "train.epochs=2"])
     assert main(["-q", *args]) == 130
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.strip()]
@@ -735,14 +739,14 @@ def test_pretrain_refuses_nonsense_settings(tmp_path, capsys, setting, phrase):
 
 
 def test_three_training_documents_with_the_automatic_design(tiny, tmp_path, capsys):
-    """n=3 with K and d left to their defaults: the automatic design adapts (no "lower K or
-    raise d" for settings the user never made), and the scores are finite."""
+    """Trained operators, n=3 with K and d left to their defaults: the automatic design adapts
+    (no "lower K or raise d" for settings the user never made), and the scores are finite."""
     model_dir, data = tiny
     train = _lines(data / "train.jsonl", tmp_path / "three.jsonl", 3)
     out = tmp_path / "run"
     assert main(["-q", "attribute", "--model", str(model_dir), "--train", str(train),
                  "--queries", str(data / "queries.jsonl"), "--out", str(out),
-                 "train.epochs=1", "token_queries=0"]) == 0
+                 "operators=trained", "train.epochs=1", "token_queries=0"]) == 0
     scores = np.load(out / "scores.npy")
     assert scores.shape == (3, 3) and np.isfinite(scores).all()
     design = np.load(out / "design" / "design.npz")
@@ -779,7 +783,12 @@ def test_one_training_row_is_refused_by_the_python_api():
     model = init_model(tiny_llama(vocab_size=64, hidden_size=16, num_heads=2, num_kv_heads=1,
                                   head_dim=8, intermediate_size=32, num_layers=2), seed=0)
     with pytest.raises(ConfigError, match="needs at least 2 training rows"):
-        Attributor(model, random_rows(1, 8, 64, 0), AttributeConfig(), progress=False)
+        Attributor(model, random_rows(1, 8, 64, 0), AttributeConfig(operators="trained"),
+                   progress=False)
+    # Closed-form operators need no subsets: one row gets a finite score of its own.
+    out = Attributor(model, random_rows(1, 8, 64, 0), AttributeConfig(),
+                     progress=False).attribute(random_rows(2, 8, 64, 1, "q"))
+    assert out.scores_qn.shape == (2, 1) and np.isfinite(out.scores_qn).all()
 
 
 def test_byte_order_marks_are_accepted(tiny, tmp_path):

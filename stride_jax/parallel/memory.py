@@ -293,7 +293,7 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
             cfg = dataclasses.replace(cfg, measure=dataclasses.replace(
                 m, query_batch=max(1, m.query_batch // 2)))
         stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
-    for _ in range(64):
+    for _ in range(64 if getattr(cfg, "operators", "trained") != "closed_form" else 0):
         if by_name("solve").host <= host_b or cfg.solve.query_chunk <= 1:
             break
         cfg = dataclasses.replace(cfg, solve=dataclasses.replace(
