@@ -52,7 +52,7 @@ from stride_jax.measure import (MeasureConfig, Responses, implausible_base_loss,
 from stride_jax.model.transformer import CausalLM
 from stride_jax.parallel import (ParallelConfig, indivisible, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
-                                 to_host)
+                                 subset_devices, to_host)
 from stride_jax.solve import SolveConfig, solve
 from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
@@ -80,7 +80,8 @@ class DesignConfig:
         "expander", "expander: each example in exactly `per_example` of K subsets (paper); "
                     "bernoulli: each subset holds each example with probability `alpha`")
     num_subsets: int | None = option(None, "K; null: min(1000, n * per_example // 32), which keeps "
-                                           "subsets at >= ~32 examples")
+                                           "subsets at >= ~32 examples, rounded up to a "
+                                           "multiple of the devices (parallel.devices)")
     per_example: int = option(40, "d: subsets per example (expander; paper: 10; 40 measured "
                                   "better, see configs/attribute_default.yaml)")
     alpha: float = option(0.3, "membership probability (bernoulli)")
@@ -206,9 +207,12 @@ def _uses_cv(solve: SolveConfig) -> bool:
     return solve.lam is None and (solve.estimator == "ridge" or solve.lam_rule == "cv")
 
 
-def _subset_problems(cfg: AttributeConfig, K: int, n: int | None) -> list[tuple[str, Any, str]]:
+def _subset_problems(cfg: AttributeConfig, K: int, n: int | None,
+                     devices: int | None = None) -> list[tuple[str, Any, str]]:
     """Settings that must agree with the number of subsets K (``n``: None when K was set, else
-    the number of training rows it was chosen for)."""
+    the number of training rows it was chosen for) and with the ``devices`` of the subset axis
+    (None: ``parallel.devices`` when it names a count, as a config file is checked before JAX
+    starts)."""
     how = ("design.num_subsets" if n is None else
            f"chosen for n={n} training rows and design.per_example={cfg.design.per_example}; "
            f"design.num_subsets sets it")
@@ -218,11 +222,11 @@ def _subset_problems(cfg: AttributeConfig, K: int, n: int | None) -> list[tuple[
                     f"exceeds the K={K} subsets ({how}): cross-validation splits the subsets "
                     f"into folds; set solve.cv_folds to at most {K}, use more subsets, or fix "
                     f"the penalty with solve.lam"))
-    devices = cfg.parallel.devices
+    devices = cfg.parallel.devices if devices is None else devices
     if devices > 1:
+        # measure.subset_chunk is result-neutral: it is rounded up to a multiple instead.
         for key, value in (("design.num_subsets", K),
-                           ("train.subsets_per_step", min(cfg.train.subsets_per_step, K)),
-                           ("measure.subset_chunk", min(cfg.measure.subset_chunk, K))):
+                           ("train.subsets_per_step", min(cfg.train.subsets_per_step, K))):
             if value % devices:
                 out.append((key, value, f"{indivisible(devices, value)} (K={K}: {how})"))
     return out
@@ -262,8 +266,12 @@ def check_run(cfg: AttributeConfig, n: int) -> int:
             f"it needs at least 2 training rows; add training documents (or, for text cut into "
             f"rows, lower data.seq_len)")
     d = cfg.design
-    K = d.num_subsets if d.num_subsets is not None else default_num_subsets(n, d.per_example)
-    problems = _subset_problems(cfg, K, n if d.num_subsets is None else None)
+    devices = subset_devices(cfg.parallel)
+    try:
+        K = num_subsets_for(cfg, n, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    problems = _subset_problems(cfg, K, n if d.num_subsets is None else None, devices)
     if d.kind == "expander" and d.num_subsets is not None and n * d.per_example < K:
         problems.append(("design.num_subsets", K, f"leaves subsets empty: n={n} rows in "
                                                   f"design.per_example={d.per_example} subsets "
@@ -279,6 +287,16 @@ def check_run(cfg: AttributeConfig, n: int) -> int:
     if problems:
         raise ConfigError(ConfigValueError("AttributeConfig", problems).format(""))
     return K
+
+
+def num_subsets_for(cfg: AttributeConfig, n: int, devices: int = 1) -> int:
+    """K: ``design.num_subsets``, or when null chosen from ``n`` and ``design.per_example`` and
+    rounded to a multiple of the ``devices`` the subset axis is split over
+    (:func:`~stride_jax.subsets.default_num_subsets`)."""
+    d = cfg.design
+    if d.num_subsets is not None:
+        return d.num_subsets
+    return default_num_subsets(n, d.per_example, multiple=devices)
 
 
 def rows_fingerprint(rows: TokenizedSet) -> str:
@@ -452,6 +470,10 @@ class Attributor:
     def __init__(self, model: CausalLM | LMFunctions, train: TokenizedSet,
                  config: AttributeConfig = AttributeConfig(), *, workdir: str | Path | None = None,
                  overwrite: bool = False, progress: bool = True):
+        # Joins the multi-host runtime if asked (it must come before JAX does any work, and
+        # before the device count is read; the CLI calls it first thing, library users call
+        # stride_jax.parallel.initialize themselves).
+        initialize(config.parallel)
         # Settings are checked before any stage runs, so a typo costs no cached work.
         check_run(config, len(train))
         if isinstance(model, CausalLM):
@@ -473,9 +495,6 @@ class Attributor:
                         "trained" if config.operators == "closed_form" else "closed_form")
         self.workdir = Path(workdir) if workdir is not None else None
         self.overwrite = overwrite
-        # Joins the multi-host runtime if asked (it must come before JAX does any work; the CLI
-        # calls it first thing, library users call stride_jax.parallel.initialize themselves).
-        initialize(config.parallel)
         self.progress = progress and is_writer()
         self.root = jax.random.key(config.seed)
         # Not part of any stamp: the device count changes float rounding only, so a run may be
@@ -485,8 +504,7 @@ class Attributor:
             K = self.num_subsets
             self.mesh.check_divides(**{
                 "design.num_subsets": K,
-                "train.subsets_per_step": min(config.train.subsets_per_step, K),
-                "measure.subset_chunk (or K when smaller)": min(config.measure.subset_chunk, K)})
+                "train.subsets_per_step": min(config.train.subsets_per_step, K)})
         self.query_mesh = make_query_mesh(config.parallel)
         if self.mesh is not None and (config.parallel.model == "fsdp" or (
                 config.parallel.model == "auto" and not self.mesh.weights_fit(self.lm.params))):
@@ -515,7 +533,9 @@ class Attributor:
             return {"operators": "closed_form", "n": len(self.train), "model": self.lm.fingerprint,
                     "layer": self.lm.layer, "train_rows": self._train_fingerprint,
                     "site": c.steering.site, "closed_form": cf, "seed": c.seed}
-        base = {"n": len(self.train), "design": to_dict(c.design), "seed": c.seed}
+        # K itself: an automatic K depends on the device count as well as on n.
+        base = {"n": len(self.train), "design": to_dict(c.design), "K": self.num_subsets,
+                "seed": c.seed}
         if stage == "design":
             return base
         base.update(model=self.lm.fingerprint, layer=self.lm.layer,
@@ -540,9 +560,8 @@ class Attributor:
     # -- stages --------------------------------------------------------------------------------
     @property
     def num_subsets(self) -> int:
-        d = self.config.design
-        n = len(self.train)
-        return d.num_subsets if d.num_subsets is not None else default_num_subsets(n, d.per_example)
+        return num_subsets_for(self.config, len(self.train),
+                               1 if self.mesh is None else self.mesh.size)
 
     def design(self) -> Design:
         """The membership design (stage ``design``)."""

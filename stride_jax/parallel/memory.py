@@ -198,7 +198,7 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
         return _closed_form_stages(cfg, s, devices)
     from stride_jax.subsets import default_num_subsets
     d = cfg.design.per_example
-    K = cfg.design.num_subsets or default_num_subsets(s.n, d)
+    K = cfg.design.num_subsets or default_num_subsets(s.n, d, multiple=devices)
     site, r = cfg.steering.site, cfg.steering.rank
     C = s.vocab if site == "logits" else s.d_final
     V = s.vocab
@@ -224,7 +224,7 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
         # the upper layers rerun on whole rows for every subset (activations kept for backward)
         step += 4 * S * rows * T * s.d_final * max(1, s.upper_layers) * 12
     qb = min(cfg.measure.query_batch, s.num_queries)
-    sc = max(1, min(cfg.measure.subset_chunk, K) // devices)
+    sc = -(-min(cfg.measure.subset_chunk, K) // devices)      # rounded up to the devices
     measure = C_MEASURE * 4 * sc * qb * T * V + 3 * 4 * qb * T * V
     if site == "residual":
         measure += 4 * sc * qb * T * s.d_final * max(1, s.upper_layers) * 4
