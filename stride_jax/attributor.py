@@ -103,7 +103,10 @@ class DesignConfig:
 class DataConfig:
     """How text files become rows (CLI only; the Python API takes tokenized rows)."""
 
-    seq_len: int | None = option(None, "tokens per row; null: the model's context, at most 256")
+    seq_len: int | None = option(
+        None, "tokens per row; null: as long as the longest document (training and queries) "
+              "rounded up to a multiple of 16, at most the model's context; text cut into "
+              "chunks (train_mode=chunk) then uses rows of min(context, 256) tokens")
     format: Literal["auto", "jsonl", "text"] = option(
         "auto", "how --train and --queries files are read: auto (JSON Lines when the first "
                 "non-blank line is a JSON object or the name ends in .jsonl, else plain text), "
@@ -120,8 +123,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, {"seq_len": ">= 2"},
-                     fixes={"seq_len": "a row needs a token and its successor; null uses the "
-                                       "model's context (at most 256)"},
+                     fixes={"seq_len": "a row needs a token and its successor; null fits "
+                                       "the rows to the longest document"},
                      extra=_size_problems(self, "stream_threshold"))
 
 
@@ -736,7 +739,9 @@ class Attributor:
                 if resume is not None:
                     resume.unlink(missing_ok=True)
         return Attribution(w, list(query_ids), list(self.train.ids), g[:, :0],
-                           np.asarray(responses.base_loss_q), np.full(Q, np.nan), np.zeros(Q),
+                           # No penalty: the closed form is decoded exactly (the lambda -> 0
+                           # limit); NaN here made Attribution.write refuse every result.
+                           np.asarray(responses.base_loss_q), np.zeros(Q), np.zeros(Q),
                            top)
 
     def measure(self, queries: TokenizedSet) -> Responses:

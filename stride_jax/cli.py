@@ -286,6 +286,10 @@ def _join_processes(parallel, args) -> None:
         sys.stdout = open(os.devnull, "w")   # the summary is printed once, by process 0
 
 
+# Rows of text cut into chunks (data.train_mode=chunk) when data.seq_len is null.
+CHUNK_LEN = 256
+
+
 def cmd_attribute(args) -> int:
     import hashlib
 
@@ -294,6 +298,8 @@ def cmd_attribute(args) -> int:
         DataError,
         iter_documents,
         load_tokenized,
+        longest_row,
+        pad_columns,
         read_documents,
         source_stamp,
         tokenize_documents,
@@ -304,7 +310,8 @@ def cmd_attribute(args) -> int:
     from stride_jax.parallel.memory import parse_bytes
     from stride_jax.data import detect_format
     from stride_jax.tokenizer import (as_backend, check_model_tokenizer, check_vocab_matches,
-                                      load_tokenizer, tokenizer_fingerprint, vocab_size_of)
+                                      load_tokenizer, special_ids, tokenizer_fingerprint,
+                                      vocab_size_of)
 
     cfg = _load(AttributeConfig, args)
     _join_processes(cfg.parallel, args)
@@ -316,22 +323,28 @@ def cmd_attribute(args) -> int:
         check_model_tokenizer(tokenizer, args.model, source=str(args.tokenizer),
                               force=args.force_tokenizer)
     context = model.config.max_position_embeddings
-    seq_len = cfg.data.seq_len or min(context, 256)
-    if seq_len > context:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context ({context} "
+    if cfg.data.seq_len is not None and cfg.data.seq_len > context:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context ({context} "
                          f"tokens); set data.seq_len to at most {context} (or null)")
     fmt = cfg.data.format
     mode = cfg.data.train_mode
     if mode == "auto":   # by content, not by the file name
         mode = "document" if detect_format(args.train, format=fmt) == "jsonl" else "chunk"
+    # data.seq_len null: rows as long as the longest document (training and queries, rounded
+    # up to a multiple of 16, at most the context), so 60-token documents are not padded to the
+    # context; text cut into chunks keeps a fixed length.
+    fit = cfg.data.seq_len is None
+    seq_len = cfg.data.seq_len or (min(context, CHUNK_LEN) if mode == "chunk" else context)
+    filler = special_ids(tokenizer).filler_id
     # What a CLI user can change when a document does not fit (the library's own hint names
     # Python arguments): queries are always whole documents.
     longer = (f", or raise data.seq_len up to the model's context ({context} tokens)"
-              if seq_len < context else "")
+              if cfg.data.seq_len is not None and cfg.data.seq_len < context else "")
     too_long_fix = f"set data.train_mode=chunk to cut the documents of {args.train}{longer}"
     # The queries first: a bad query file fails before the training data is tokenized.
     query_rows = tokenize_documents(
-        read_documents(args.queries, format=fmt), tokenizer, seq_len, mode="document",
+        read_documents(args.queries, format=fmt), tokenizer, cfg.data.seq_len or context,
+        mode="document", fit=fit,
         too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")
     threshold = parse_bytes(cfg.data.stream_threshold)
     source = source_stamp(args.train)
@@ -349,7 +362,8 @@ def cmd_attribute(args) -> int:
         # tokenizer by the hash of its serialisation).
         # Every host tokenizes its own copy (per-host loading).
         tokens_dir = process_dir(args.out / "tokens" / "train")
-        meta = {**source, "vocab_size": vocab_size_of(tokenizer), "seq_len": seq_len,
+        meta = {**source, "vocab_size": vocab_size_of(tokenizer),
+                "seq_len": f"fit<={seq_len}" if fit and mode == "document" else seq_len,
                 "mode": mode, "format": fmt, "tokenizer": hashlib.sha256(
                     as_backend(tokenizer).to_str().encode()).hexdigest()[:16]}
         try:
@@ -357,13 +371,27 @@ def cmd_attribute(args) -> int:
             print(f"reusing the tokenized training rows in {tokens_dir}")
         except DataError:   # missing, interrupted, or made from other inputs: rebuild
             print(f"tokenizing {args.train} in chunks into {tokens_dir}")
+            if fit and mode == "document":   # one pass for the length, one for the rows
+                seq_len = max(query_rows.seq_len, longest_row(
+                    iter_documents(args.train, format=fmt), tokenizer, seq_len))
             train_rows = tokenize_to_disk(iter_documents(args.train, format=fmt), tokenizer,
                                           seq_len,
                                           tokens_dir, mode=mode, too_long_fix=too_long_fix,
                                           meta=meta)
     else:
         train_rows = tokenize_documents(read_documents(args.train, format=fmt), tokenizer,
-                                        seq_len, mode=mode, too_long_fix=too_long_fix)
+                                        seq_len, mode=mode, too_long_fix=too_long_fix,
+                                        fit=fit and mode == "document")
+        train_rows = pad_columns(train_rows, max(train_rows.seq_len, query_rows.seq_len), filler)
+    # One row length for both sets where it costs nothing (each pass then compiles once).
+    query_rows = pad_columns(query_rows, max(train_rows.seq_len, query_rows.seq_len), filler)
+    how = ("data.seq_len" if not fit else "data.seq_len null: the longest document, rounded up"
+           if mode == "document" else f"data.seq_len null: text cut into chunks of "
+                                      f"min(context, {CHUNK_LEN})")
+    lengths = (f"{train_rows.seq_len}" if train_rows.seq_len == query_rows.seq_len
+               else f"{train_rows.seq_len} (queries: {query_rows.seq_len})")
+    print(f"{len(train_rows)} training rows and {len(query_rows)} queries of {lengths} tokens "
+          f"({how})")
     check_run(cfg, len(train_rows))   # settings that depend on n, before any work on them
     cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
     result, train_texts, query_texts = _attribute_and_write(
