@@ -57,8 +57,8 @@ from stride_jax.solve import SolveConfig, solve
 from stride_jax.steering import LMFunctions, SteeringConfig, from_causal_lm, resolve_layer
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
 from stride_jax.train import (ClosedFormConfig, OperatorFactors, OperatorTrainConfig, build_cache,
-                              closed_form_scores, fit_factors, operator_gradients, query_losses,
-                              token_scores, train_operators)
+                              closed_form_scores, fit_factors, operator_gradients, query_terms,
+                              self_scores, token_scores, train_operators)
 
 log = logging.getLogger(__name__)
 
@@ -680,8 +680,7 @@ class Attributor:
             raise ValueError(f"query {bad!r} has no scored token (empty completion?); give it a "
                              f"non-empty text/completion")
         cf = self.config.closed_form
-        g = operator_gradients(self.lm, queries, factors, cf, mesh=self.mesh)
-        base = query_losses(self.lm, queries, cf)
+        g, base = query_terms(self.lm, queries, factors, cf, mesh=self.mesh)
         bad = ~np.isfinite(g)
         if bad.any():
             q = int(np.nonzero(bad)[0][0])
@@ -722,9 +721,7 @@ class Attributor:
                                        progress=self.progress, resume_path=resume)["s"]
             else:
                 acc = closed_form_scores(self.lm, self.train, factors, g, cf, mesh=self.mesh,
-                                         progress=self.progress, resume_path=resume,
-                                         acc=TopScores.empty(Q, k)._asdict(),
-                                         update=_merge_top)
+                                         progress=self.progress, resume_path=resume, topk=k)
                 top = TopScores(**acc)
             bad = ~np.isfinite(w if dense else np.concatenate([top.pro_score, top.opp_score]))
             if bad.any():
@@ -880,9 +877,8 @@ class Attributor:
             if directory is not None and open_stage(directory, "selfinf", payload,
                                                     overwrite=self.overwrite):
                 return np.load(directory / "score.npy", allow_pickle=False)
-            g = operator_gradients(self.lm, self.train, ops, self.config.closed_form,
-                                   mesh=self.mesh, progress=self.progress)
-            score = np.einsum("nd,nd->n", g, g).astype(np.float32)
+            score = self_scores(self.lm, self.train, ops, self.config.closed_form,
+                                mesh=self.mesh, progress=self.progress)
             if directory is not None:
                 save_npy(directory / "score.npy", score)
                 complete_stage(directory, "selfinf", payload)
@@ -935,7 +931,7 @@ class Attributor:
             idx = [i for i, _ in listed[q]]
             g_i = (operator_gradients(self.lm, self.train.subset(idx), factors, cf)
                    if idx else np.zeros((0, factors.dim), np.float32))
-            eff = token_scores(self.lm, one, factors, g_i)[0]       # [T, m]
+            eff = token_scores(self.lm, one, factors, g_i, cf)[0]   # [T, m]
             tpos = np.flatnonzero(one.loss_mask[0] > 0)
             out.append({
                 "query_id": str(qid),
@@ -950,28 +946,6 @@ class Attributor:
     def attribute(self, queries: TokenizedSet) -> Attribution:
         """All stages: operators, measurement, recovery."""
         return self.solve(self.measure(queries), queries.ids)
-
-
-def _merge_top(acc: dict, lo: int, hi: int, s_chunk: np.ndarray) -> dict:
-    """Fold the scores of training rows ``lo..hi`` into each query's kept top scores (the
-    order of :meth:`TopScores.from_dense`: score, then index)."""
-    k = acc["pro_index"].shape[1]
-    idx = np.arange(lo, hi)
-    out = {}
-    for side, sign in (("pro", 1.0), ("opp", -1.0)):
-        cand_i = np.concatenate([acc[f"{side}_index"],
-                                 np.broadcast_to(idx, s_chunk.shape)], axis=1)
-        cand_s = np.concatenate([acc[f"{side}_score"], s_chunk.astype(np.float32)], axis=1)
-        key = np.where(cand_i >= 0, sign * cand_s, -np.inf)
-        key = np.where(key > 0, key, -np.inf)
-        order = np.lexsort((np.where(cand_i >= 0, cand_i, np.iinfo(np.int64).max), -key),
-                           axis=1)[:, :k]
-        take_i = np.take_along_axis(cand_i, order, 1)
-        take_s = np.take_along_axis(cand_s, order, 1)
-        keep = np.isfinite(np.take_along_axis(key, order, 1))
-        out[f"{side}_index"] = np.where(keep, take_i, -1)
-        out[f"{side}_score"] = np.where(keep, take_s, 0.0).astype(np.float32)
-    return out
 
 
 def _warn_implausible(res: Responses, vocab_size: int) -> None:
