@@ -254,12 +254,14 @@ def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Pat
 
 
 def _plan_memory(cfg, model, train_rows, query_rows, budget):
-    """Print each stage's estimated peak memory; with a budget, fit the result-neutral chunks."""
+    """Print each stage's estimated peak memory and fit the result-neutral chunks to the budget
+    (``auto``: the memory available now, so a run the plan accepts is not killed for memory;
+    ``none``: no budget)."""
     import jax
     from flax import nnx
 
     from stride_jax.parallel import make_mesh
-    from stride_jax.parallel.memory import Shapes, plan_memory
+    from stride_jax.parallel.memory import Shapes, available_memory, plan_memory
     from stride_jax.steering import resolve_layer
     c = model.config
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -268,7 +270,15 @@ def _plan_memory(cfg, model, train_rows, query_rows, budget):
     shapes = Shapes(n=len(train_rows), seq_len=train_rows.seq_len, num_queries=len(query_rows),
                     d_reader=c.hidden_size, d_final=c.hidden_size, vocab=c.vocab_size,
                     params_bytes=params_bytes, upper_layers=c.num_layers - layer - 1)
-    plan = plan_memory(cfg, shapes, budget=budget, devices=1 if mesh is None else mesh.size)
+    host, device, unified = available_memory()
+    if budget is None or str(budget).lower() == "auto":
+        budget, device_budget = host, device
+    elif str(budget).lower() == "none":
+        budget = device_budget = None
+    else:
+        device_budget = None
+    plan = plan_memory(cfg, shapes, budget=budget, device_budget=device_budget,
+                       devices=1 if mesh is None else mesh.size, unified=unified)
     print("estimated peak memory per stage (stride_jax.parallel.memory):")
     print(plan.format())
     return plan.config
@@ -662,10 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace stage artifacts made with other arguments")
     p.add_argument("--no-strict-config", action="store_true",
                    help="warn instead of failing on HF config keys stride-jax does not know")
-    p.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="e.g. 24GiB: lower the result-neutral chunk sizes (measure.query_batch, "
-                        "measure.subset_chunk, solve.query_chunk) until every stage's estimated "
-                        "peak fits, or refuse naming the stage; the plan is printed either way")
+    p.add_argument("--memory-budget", default="auto", metavar="SIZE",
+                   help="e.g. 24GiB: lower the result-neutral chunk sizes (closed_form."
+                        "batch_size, measure.query_batch, measure.subset_chunk, solve."
+                        "query_chunk) until every stage's estimated peak fits, or refuse before "
+                        "any work naming the stage; on a CPU the budget covers host and devices "
+                        "together. auto (default): the memory available now (and each GPU's "
+                        "own); none: no limit. The plan is printed either way")
     p.add_argument("--self-influence", action="store_true",
                    help="also score every training row's memorisation (selfinf.json; costs "
                         "about 2d/K of measuring every row as a query)")
