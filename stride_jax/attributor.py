@@ -62,14 +62,15 @@ from stride_jax.measure import (MeasureConfig, MeasureInputs, Measurement, Respo
 from stride_jax.model.transformer import CausalLM
 from stride_jax.parallel import (ParallelConfig, indivisible, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
-                                 to_host)
+                                 subset_devices, to_host)
 from stride_jax.solve import SolveConfig, solve
 from stride_jax.steering import (LMFunctions, SteeringConfig, check_shapes, from_causal_lm,
                                  resolve_layer)
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
 from stride_jax.train import (ClosedFormConfig, OperatorFactors, OperatorTrainConfig, build_cache,
                               check_rows_fit, closed_form_scores, fit_factors, operator_gradients,
-                              query_losses, token_scores, train_operators)
+                              query_terms, self_scores, token_scores,
+                              train_operators)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class DesignConfig:
         "expander", "expander: each example in exactly `per_example` of K subsets (paper); "
                     "bernoulli: each subset holds each example with probability `alpha`")
     num_subsets: int | None = option(None, "K; null: min(1000, n * per_example // 32), which keeps "
-                                           "subsets at >= ~32 examples")
+                                           "subsets at >= ~32 examples, rounded up to a "
+                                           "multiple of the devices (parallel.devices)")
     per_example: int = option(40, "d: subsets per example (expander; paper: 10; 40 measured "
                                   "better, see configs/attribute_default.yaml)")
     alpha: float = option(0.3, "membership probability (bernoulli)")
@@ -103,7 +105,10 @@ class DesignConfig:
 class DataConfig:
     """How text files become rows (CLI only; the Python API takes tokenized rows)."""
 
-    seq_len: int | None = option(None, "tokens per row; null: the model's context, at most 256")
+    seq_len: int | None = option(
+        None, "tokens per row; null: as long as the longest document (training and queries) "
+              "rounded up to a multiple of 16, at most the model's context; text cut into "
+              "chunks (train_mode=chunk) then uses rows of min(context, 256) tokens")
     format: Literal["auto", "jsonl", "text"] = option(
         "auto", "how --train and --queries files are read: auto (JSON Lines when the first "
                 "non-blank line is a JSON object or the name ends in .jsonl, else plain text), "
@@ -120,8 +125,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, {"seq_len": ">= 2"},
-                     fixes={"seq_len": "a row needs a token and its successor; null uses the "
-                                       "model's context (at most 256)"},
+                     fixes={"seq_len": "a row needs a token and its successor; null fits "
+                                       "the rows to the longest document"},
                      extra=_size_problems(self, "stream_threshold"))
 
 
@@ -207,9 +212,12 @@ def _uses_cv(solve: SolveConfig) -> bool:
     return solve.lam is None and (solve.estimator == "ridge" or solve.lam_rule == "cv")
 
 
-def _subset_problems(cfg: AttributeConfig, K: int, n: int | None) -> list[tuple[str, Any, str]]:
+def _subset_problems(cfg: AttributeConfig, K: int, n: int | None,
+                     devices: int | None = None) -> list[tuple[str, Any, str]]:
     """Settings that must agree with the number of subsets K (``n``: None when K was set, else
-    the number of training rows it was chosen for)."""
+    the number of training rows it was chosen for) and with the ``devices`` of the subset axis
+    (None: ``parallel.devices`` when it names a count, as a config file is checked before JAX
+    starts)."""
     how = ("design.num_subsets" if n is None else
            f"chosen for n={n} training rows and design.per_example={cfg.design.per_example}; "
            f"design.num_subsets sets it")
@@ -219,11 +227,11 @@ def _subset_problems(cfg: AttributeConfig, K: int, n: int | None) -> list[tuple[
                     f"exceeds the K={K} subsets ({how}): cross-validation splits the subsets "
                     f"into folds; set solve.cv_folds to at most {K}, use more subsets, or fix "
                     f"the penalty with solve.lam"))
-    devices = cfg.parallel.devices
+    devices = cfg.parallel.devices if devices is None else devices
     if devices > 1:
+        # measure.subset_chunk is result-neutral: it is rounded up to a multiple instead.
         for key, value in (("design.num_subsets", K),
-                           ("train.subsets_per_step", min(cfg.train.subsets_per_step, K)),
-                           ("measure.subset_chunk", min(cfg.measure.subset_chunk, K))):
+                           ("train.subsets_per_step", min(cfg.train.subsets_per_step, K))):
             if value % devices:
                 out.append((key, value, f"{indivisible(devices, value)} (K={K}: {how})"))
     return out
@@ -263,8 +271,12 @@ def check_run(cfg: AttributeConfig, n: int) -> int:
             f"it needs at least 2 training rows; add training documents (or, for text cut into "
             f"rows, lower data.seq_len)")
     d = cfg.design
-    K = d.num_subsets if d.num_subsets is not None else default_num_subsets(n, d.per_example)
-    problems = _subset_problems(cfg, K, n if d.num_subsets is None else None)
+    devices = subset_devices(cfg.parallel)
+    try:
+        K = num_subsets_for(cfg, n, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    problems = _subset_problems(cfg, K, n if d.num_subsets is None else None, devices)
     if d.kind == "expander" and d.num_subsets is not None and n * d.per_example < K:
         problems.append(("design.num_subsets", K, f"leaves subsets empty: n={n} rows in "
                                                   f"design.per_example={d.per_example} subsets "
@@ -280,6 +292,16 @@ def check_run(cfg: AttributeConfig, n: int) -> int:
     if problems:
         raise ConfigError(ConfigValueError("AttributeConfig", problems).format(""))
     return K
+
+
+def num_subsets_for(cfg: AttributeConfig, n: int, devices: int = 1) -> int:
+    """K: ``design.num_subsets``, or when null chosen from ``n`` and ``design.per_example`` and
+    rounded to a multiple of the ``devices`` the subset axis is split over
+    (:func:`~stride_jax.subsets.default_num_subsets`)."""
+    d = cfg.design
+    if d.num_subsets is not None:
+        return d.num_subsets
+    return default_num_subsets(n, d.per_example, multiple=devices)
 
 
 def rows_fingerprint(rows: TokenizedSet) -> str:
@@ -327,6 +349,10 @@ class Attributor:
                  config: AttributeConfig = AttributeConfig(), *, workdir: str | Path | None = None,
                  overwrite: bool = False, progress: bool = True,
                  measurement: Measurement | Callable[[MeasureInputs], Any] | None = None):
+        # Joins the multi-host runtime if asked (it must come before JAX does any work, and
+        # before the device count is read; the CLI calls it first thing, library users call
+        # stride_jax.parallel.initialize themselves).
+        initialize(config.parallel)
         # Settings are checked before any stage runs, so a typo costs no cached work.
         check_run(config, len(train))
         if isinstance(model, CausalLM):
@@ -355,9 +381,6 @@ class Attributor:
         if self.measurement is not None and self.closed_form:
             raise ConfigError("a custom measurement needs operators=trained: closed-form "
                               "operators score the change of each query's mean per-token loss")
-        # Joins the multi-host runtime if asked (it must come before JAX does any work; the CLI
-        # calls it first thing, library users call stride_jax.parallel.initialize themselves).
-        initialize(config.parallel)
         # The model's functions and the rows are checked against each other before any work:
         # one jax.eval_shape per function, a one-line error naming the field.
         check_shapes(self.lm, config.steering.site, train.seq_len)
@@ -376,8 +399,7 @@ class Attributor:
             K = self.num_subsets
             self.mesh.check_divides(**{
                 "design.num_subsets": K,
-                "train.subsets_per_step": min(config.train.subsets_per_step, K),
-                "measure.subset_chunk (or K when smaller)": min(config.measure.subset_chunk, K)})
+                "train.subsets_per_step": min(config.train.subsets_per_step, K)})
         self.query_mesh = make_query_mesh(config.parallel)
         if self.mesh is not None and (config.parallel.model == "fsdp" or (
                 config.parallel.model == "auto" and not self.mesh.weights_fit(self.lm.params))):
@@ -407,7 +429,9 @@ class Attributor:
             return {"operators": "closed_form", "n": len(self.train), "model": self.lm.fingerprint,
                     "layer": self.lm.layer, "train_rows": self._train_fingerprint,
                     "site": c.steering.site, "closed_form": cf, "seed": c.seed}
-        base = {"n": len(self.train), "design": to_dict(c.design), "seed": c.seed}
+        # K itself: an automatic K depends on the device count as well as on n.
+        base = {"n": len(self.train), "design": to_dict(c.design), "K": self.num_subsets,
+                "seed": c.seed}
         if stage == "design":
             return base
         base.update(model=self.lm.fingerprint, layer=self.lm.layer,
@@ -432,9 +456,8 @@ class Attributor:
     # -- stages --------------------------------------------------------------------------------
     @property
     def num_subsets(self) -> int:
-        d = self.config.design
-        n = len(self.train)
-        return d.num_subsets if d.num_subsets is not None else default_num_subsets(n, d.per_example)
+        return num_subsets_for(self.config, len(self.train),
+                               1 if self.mesh is None else self.mesh.size)
 
     def design(self) -> Design:
         """The membership design (stage ``design``)."""
@@ -549,8 +572,7 @@ class Attributor:
             raise DataError(f"query {bad!r} has no scored token (empty completion?); give it a "
                             f"non-empty text/completion")
         cf = self.config.closed_form
-        g = operator_gradients(self.lm, queries, factors, cf, mesh=self.mesh)
-        base = query_losses(self.lm, queries, cf)
+        g, base = query_terms(self.lm, queries, factors, cf, mesh=self.mesh)
         bad = ~np.isfinite(g)
         if bad.any():
             q = int(np.nonzero(bad)[0][0])
@@ -568,7 +590,7 @@ class Attributor:
     def _solve_closed_form(self, responses: Responses, query_ids: Sequence[str]) -> Attribution:
         factors = self.fit_operators()
         g = np.asarray(responses.y_qk, np.float32)
-        Q, n = g.shape[0], len(self.train)
+        Q = g.shape[0]
         dense = self.dense_scores(Q)
         rfp = array_fingerprint(g)
         directory = None if self.workdir is None else self.workdir / "solve" / rfp
@@ -591,9 +613,7 @@ class Attributor:
                                        progress=self.progress, resume_path=resume)["s"]
             else:
                 acc = closed_form_scores(self.lm, self.train, factors, g, cf, mesh=self.mesh,
-                                         progress=self.progress, resume_path=resume,
-                                         acc=TopScores.empty(Q, k)._asdict(),
-                                         update=_merge_top)
+                                         progress=self.progress, resume_path=resume, topk=k)
                 top = TopScores(**acc)
             bad = ~np.isfinite(w if dense else np.concatenate([top.pro_score, top.opp_score]))
             if bad.any():
@@ -767,9 +787,8 @@ class Attributor:
                                                     overwrite=self.overwrite):
                 self._selfinf[num_outside] = np.load(directory / "score.npy", allow_pickle=False)
                 return self._selfinf[num_outside]
-            g = operator_gradients(self.lm, self.train, ops, self.config.closed_form,
-                                   mesh=self.mesh, progress=self.progress)
-            score = np.einsum("nd,nd->n", g, g).astype(np.float32)
+            score = self_scores(self.lm, self.train, ops, self.config.closed_form,
+                                mesh=self.mesh, progress=self.progress)
             if directory is not None:
                 save_npy(directory / "score.npy", score)
                 complete_stage(directory, "selfinf", payload)
@@ -825,7 +844,7 @@ class Attributor:
             idx = [i for i, _ in listed[q]]
             g_i = (operator_gradients(self.lm, self.train.subset(idx), factors, cf)
                    if idx else np.zeros((0, factors.dim), np.float32))
-            eff = token_scores(self.lm, one, factors, g_i)[0]       # [T, m]
+            eff = token_scores(self.lm, one, factors, g_i, cf)[0]   # [T, m]
             tpos = np.flatnonzero(one.loss_mask[0] > 0)
             out.append({
                 "query_id": str(qid),
@@ -887,28 +906,6 @@ class Attributor:
 
 def _token_ids_text(ids: Sequence[int]) -> str:
     return " ".join(str(int(i)) for i in ids)
-
-
-def _merge_top(acc: dict, lo: int, hi: int, s_chunk: np.ndarray) -> dict:
-    """Fold the scores of training rows ``lo..hi`` into each query's kept top scores (the
-    order of :meth:`TopScores.from_dense`: score, then index)."""
-    k = acc["pro_index"].shape[1]
-    idx = np.arange(lo, hi)
-    out = {}
-    for side, sign in (("pro", 1.0), ("opp", -1.0)):
-        cand_i = np.concatenate([acc[f"{side}_index"],
-                                 np.broadcast_to(idx, s_chunk.shape)], axis=1)
-        cand_s = np.concatenate([acc[f"{side}_score"], s_chunk.astype(np.float32)], axis=1)
-        key = np.where(cand_i >= 0, sign * cand_s, -np.inf)
-        key = np.where(key > 0, key, -np.inf)
-        order = np.lexsort((np.where(cand_i >= 0, cand_i, np.iinfo(np.int64).max), -key),
-                           axis=1)[:, :k]
-        take_i = np.take_along_axis(cand_i, order, 1)
-        take_s = np.take_along_axis(cand_s, order, 1)
-        keep = np.isfinite(np.take_along_axis(key, order, 1))
-        out[f"{side}_index"] = np.where(keep, take_i, -1)
-        out[f"{side}_score"] = np.where(keep, take_s, 0.0).astype(np.float32)
-    return out
 
 
 def _warn_implausible(res: Responses, vocab_size: int) -> None:

@@ -214,12 +214,14 @@ def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Pat
 
 
 def _plan_memory(cfg, model, train_rows, query_rows, budget):
-    """Print each stage's estimated peak memory; with a budget, fit the result-neutral chunks."""
+    """Print each stage's estimated peak memory and fit the result-neutral chunks to the budget
+    (``auto``: the memory available now, so a run the plan accepts is not killed for memory;
+    ``none``: no budget)."""
     import jax
     from flax import nnx
 
     from stride_jax.parallel import make_mesh
-    from stride_jax.parallel.memory import Shapes, plan_memory
+    from stride_jax.parallel.memory import Shapes, available_memory, plan_memory
     from stride_jax.steering import resolve_layer
     c = model.config
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -228,7 +230,15 @@ def _plan_memory(cfg, model, train_rows, query_rows, budget):
     shapes = Shapes(n=len(train_rows), seq_len=train_rows.seq_len, num_queries=len(query_rows),
                     d_reader=c.hidden_size, d_final=c.hidden_size, vocab=c.vocab_size,
                     params_bytes=params_bytes, upper_layers=c.num_layers - layer - 1)
-    plan = plan_memory(cfg, shapes, budget=budget, devices=1 if mesh is None else mesh.size)
+    host, device, unified = available_memory()
+    if budget is None or str(budget).lower() == "auto":
+        budget, device_budget = host, device
+    elif str(budget).lower() == "none":
+        budget = device_budget = None
+    else:
+        device_budget = None
+    plan = plan_memory(cfg, shapes, budget=budget, device_budget=device_budget,
+                       devices=1 if mesh is None else mesh.size, unified=unified)
     print("estimated peak memory per stage (stride_jax.parallel.memory):")
     print(plan.format())
     return plan.config
@@ -246,6 +256,10 @@ def _join_processes(parallel, args) -> None:
         sys.stdout = open(os.devnull, "w")   # the summary is printed once, by process 0
 
 
+# Rows of text cut into chunks (data.train_mode=chunk) when data.seq_len is null.
+CHUNK_LEN = 256
+
+
 def cmd_attribute(args) -> int:
     import hashlib
 
@@ -254,6 +268,8 @@ def cmd_attribute(args) -> int:
         DataError,
         iter_documents,
         load_tokenized,
+        longest_row,
+        pad_columns,
         read_documents,
         source_stamp,
         tokenize_documents,
@@ -264,7 +280,8 @@ def cmd_attribute(args) -> int:
     from stride_jax.parallel.memory import parse_bytes
     from stride_jax.data import detect_format
     from stride_jax.tokenizer import (as_backend, check_model_tokenizer, check_vocab_matches,
-                                      load_tokenizer, tokenizer_fingerprint, vocab_size_of)
+                                      load_tokenizer, special_ids, tokenizer_fingerprint,
+                                      vocab_size_of)
 
     cfg = _load(AttributeConfig, args)
     _join_processes(cfg.parallel, args)
@@ -276,22 +293,28 @@ def cmd_attribute(args) -> int:
         check_model_tokenizer(tokenizer, args.model, source=str(args.tokenizer),
                               force=args.force_tokenizer)
     context = model.config.max_position_embeddings
-    seq_len = cfg.data.seq_len or min(context, 256)
-    if seq_len > context:
-        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context ({context} "
-                          f"tokens); set data.seq_len to at most {context} (or null)")
+    if cfg.data.seq_len is not None and cfg.data.seq_len > context:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context "
+                          f"({context} tokens); set data.seq_len to at most {context} (or null)")
     fmt = cfg.data.format
     mode = cfg.data.train_mode
     if mode == "auto":   # by content, not by the file name
         mode = "document" if detect_format(args.train, format=fmt) == "jsonl" else "chunk"
+    # data.seq_len null: rows as long as the longest document (training and queries, rounded
+    # up to a multiple of 16, at most the context), so 60-token documents are not padded to the
+    # context; text cut into chunks keeps a fixed length.
+    fit = cfg.data.seq_len is None
+    seq_len = cfg.data.seq_len or (min(context, CHUNK_LEN) if mode == "chunk" else context)
+    filler = special_ids(tokenizer).filler_id
     # What a CLI user can change when a document does not fit (the library's own hint names
     # Python arguments): queries are always whole documents.
     longer = (f", or raise data.seq_len up to the model's context ({context} tokens)"
-              if seq_len < context else "")
+              if cfg.data.seq_len is not None and cfg.data.seq_len < context else "")
     too_long_fix = f"set data.train_mode=chunk to cut the documents of {args.train}{longer}"
     # The queries first: a bad query file fails before the training data is tokenized.
     query_rows = tokenize_documents(
-        read_documents(args.queries, format=fmt), tokenizer, seq_len, mode="document",
+        read_documents(args.queries, format=fmt), tokenizer, cfg.data.seq_len or context,
+        mode="document", fit=fit,
         too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")
     threshold = parse_bytes(cfg.data.stream_threshold)
     source = source_stamp(args.train)
@@ -309,7 +332,8 @@ def cmd_attribute(args) -> int:
         # tokenizer by the hash of its serialisation).
         # Every host tokenizes its own copy (per-host loading).
         tokens_dir = process_dir(args.out / "tokens" / "train")
-        meta = {**source, "vocab_size": vocab_size_of(tokenizer), "seq_len": seq_len,
+        meta = {**source, "vocab_size": vocab_size_of(tokenizer),
+                "seq_len": f"fit<={seq_len}" if fit and mode == "document" else seq_len,
                 "mode": mode, "format": fmt, "tokenizer": hashlib.sha256(
                     as_backend(tokenizer).to_str().encode()).hexdigest()[:16]}
         try:
@@ -317,13 +341,27 @@ def cmd_attribute(args) -> int:
             print(f"reusing the tokenized training rows in {tokens_dir}")
         except DataError:   # missing, interrupted, or made from other inputs: rebuild
             print(f"tokenizing {args.train} in chunks into {tokens_dir}")
+            if fit and mode == "document":   # one pass for the length, one for the rows
+                seq_len = max(query_rows.seq_len, longest_row(
+                    iter_documents(args.train, format=fmt), tokenizer, seq_len))
             train_rows = tokenize_to_disk(iter_documents(args.train, format=fmt), tokenizer,
                                           seq_len,
                                           tokens_dir, mode=mode, too_long_fix=too_long_fix,
                                           meta=meta)
     else:
         train_rows = tokenize_documents(read_documents(args.train, format=fmt), tokenizer,
-                                        seq_len, mode=mode, too_long_fix=too_long_fix)
+                                        seq_len, mode=mode, too_long_fix=too_long_fix,
+                                        fit=fit and mode == "document")
+        train_rows = pad_columns(train_rows, max(train_rows.seq_len, query_rows.seq_len), filler)
+    # One row length for both sets where it costs nothing (each pass then compiles once).
+    query_rows = pad_columns(query_rows, max(train_rows.seq_len, query_rows.seq_len), filler)
+    how = ("data.seq_len" if not fit else "data.seq_len null: the longest document, rounded up"
+           if mode == "document" else f"data.seq_len null: text cut into chunks of "
+                                      f"min(context, {CHUNK_LEN})")
+    lengths = (f"{train_rows.seq_len}" if train_rows.seq_len == query_rows.seq_len
+               else f"{train_rows.seq_len} (queries: {query_rows.seq_len})")
+    print(f"{len(train_rows)} training rows and {len(query_rows)} queries of {lengths} tokens "
+          f"({how})")
     check_run(cfg, len(train_rows))   # settings that depend on n, before any work on them
     cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
     result, train_texts, query_texts = _attribute_and_write(
@@ -576,10 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace stage artifacts made with other arguments")
     p.add_argument("--no-strict-config", action="store_true",
                    help="warn instead of failing on HF config keys stride-jax does not know")
-    p.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="e.g. 24GiB: lower the result-neutral chunk sizes (measure.query_batch, "
-                        "measure.subset_chunk, solve.query_chunk) until every stage's estimated "
-                        "peak fits, or refuse naming the stage; the plan is printed either way")
+    p.add_argument("--memory-budget", default="auto", metavar="SIZE",
+                   help="e.g. 24GiB: lower the result-neutral chunk sizes (closed_form."
+                        "batch_size, measure.query_batch, measure.subset_chunk, solve."
+                        "query_chunk) until every stage's estimated peak fits, or refuse before "
+                        "any work naming the stage; on a CPU the budget covers host and devices "
+                        "together. auto (default): the memory available now (and each GPU's "
+                        "own); none: no limit. The plan is printed either way")
     p.add_argument("--self-influence", action="store_true",
                    help="also score every training row's memorisation (selfinf.json; costs "
                         "about 2d/K of measuring every row as a query)")

@@ -102,6 +102,11 @@ def run(site: str) -> dict:
     if site == "logits":
         report.update(solver_report(att.design(), outs[1][1]))
         report.update(closed_form_report(model, train, queries))
+    # The defaults use every device: the automatic K (12 for 96 rows x 4) rounds up to 16.
+    auto = Attributor(model, train, dataclasses.replace(
+        cfg, design=DesignConfig(per_example=4), parallel=ParallelConfig()), progress=False)
+    report["default_mesh_devices"] = None if auto.mesh is None else auto.mesh.size
+    report["default_num_subsets"] = auto.num_subsets
     # A chunk the devices cannot split evenly is refused with the fix named.
     try:
         bad = dataclasses.replace(cfg, parallel=ParallelConfig(devices=8),

@@ -91,3 +91,8 @@ def test_unknown_model_placement_is_refused():
     from stride_jax.parallel import ParallelConfig
     with pytest.raises(ValueError, match="parallel.model must be 'auto', 'replicate' or 'fsdp'"):
         ParallelConfig(model="shard")
+
+
+def test_defaults_use_all_devices_and_round_k(report):
+    r = report["logits"]
+    assert r["default_mesh_devices"] == 8 and r["default_num_subsets"] == 16

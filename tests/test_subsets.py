@@ -227,6 +227,29 @@ def test_default_num_subsets():
         default_num_subsets(0, 10)
 
 
+def test_default_num_subsets_rounds_to_the_devices():
+    """The automatic K is a multiple of the devices the subset axis is split over (issue 16: 300
+    rows on 8 devices gave K = 375 and a refusal); down only where up would leave subsets that
+    cannot all be filled (K > n d)."""
+    assert default_num_subsets(300, 40) == 375
+    assert default_num_subsets(300, 40, multiple=8) == 376
+    assert default_num_subsets(300, 40, multiple=1) == 375
+    assert default_num_subsets(1_000_000, 10, multiple=16) == 1008
+    assert default_num_subsets(2, 10, multiple=3) == 18      # 20 -> up 21 > n d = 20: down
+    with pytest.raises(ValueError, match="parallel.devices"):   # no multiple of 4 in [10, 10]
+        default_num_subsets(1, 10, multiple=4)
+    for n in (1, 2, 7, 100, 5000):
+        for d in (1, 3, 10, 40):
+            for m in (1, 2, 3, 8):
+                try:
+                    K = default_num_subsets(n, d, multiple=m)
+                except ValueError as e:
+                    assert "parallel.devices" in str(e)
+                    assert not any(k % m == 0 for k in range(d, n * d + 1))
+                    continue
+                assert K % m == 0 and d <= K <= n * d
+
+
 def test_automatic_design_fills_empty_subsets_for_small_n():
     """K from default_num_subsets leaves subsets empty for a small n (a subset is empty with
     probability (1 - d/K)^n); fill_empty moves memberships so none is, keeping every example in

@@ -16,8 +16,11 @@ from stride_jax.data._documents import (
 )
 from stride_jax.data._split import split_ids
 from stride_jax.data._tokenize import (
+    ROW_MULTIPLE,
     TokenizedSet,
     load_tokenized,
+    longest_row,
+    pad_columns,
     tokenize_documents,
     tokenize_to_disk,
 )
@@ -25,6 +28,7 @@ from stride_jax.data._tokenize import (
 __all__ = [
     "FORMATS",
     "POEMS",
+    "ROW_MULTIPLE",
     "DataError",
     "Document",
     "TokenizedSet",
@@ -32,6 +36,8 @@ __all__ = [
     "iter_documents",
     "list_plays",
     "load_tokenized",
+    "longest_row",
+    "pad_columns",
     "read_dir",
     "read_documents",
     "read_jsonl",

@@ -17,7 +17,12 @@ import numpy as np
 from stride_jax.data._documents import DataError, Document
 from stride_jax.tokenizer import SpecialIds, as_backend, special_ids
 
-__all__ = ["TokenizedSet", "load_tokenized", "tokenize_documents", "tokenize_to_disk"]
+__all__ = ["TokenizedSet", "load_tokenized", "longest_row", "pad_columns", "tokenize_documents",
+           "tokenize_to_disk"]
+
+# Rows fitted to their documents are padded to a multiple of this many tokens: the lengths a
+# compiled program sees stay few, and accelerators tile well at multiples of 16.
+ROW_MULTIPLE = 16
 
 Mode = Literal["chunk", "document"]
 
@@ -158,6 +163,7 @@ def tokenize_documents(
     add_bos: bool = False,
     specials: SpecialIds | None = None,
     too_long_fix: str | None = None,
+    fit: bool = False,
 ) -> TokenizedSet:
     """Tokenize documents into rows of ``seq_len`` tokens (see :class:`TokenizedSet`).
 
@@ -175,12 +181,17 @@ def tokenize_documents(
         chunk with no scored target (all prompt) is dropped. Meant for long texts (plays).
       ``"document"``: one row per document with id ``doc_id``. A sequence longer than ``seq_len``
         raises :class:`DataError`, or with ``truncate=True`` keeps its first ``seq_len`` tokens.
+        With ``fit=True`` ``seq_len`` is only the bound: rows are as long as the longest one,
+        rounded up to a multiple of :data:`ROW_MULTIPLE` (at most ``seq_len``), so short
+        documents are not padded to a model's whole context.
 
     ``tokenizer`` is a :class:`tokenizers.Tokenizer` or a transformers fast tokenizer; ``specials``
     overrides the special ids found by :func:`stride_jax.tokenizer.special_ids`; ``too_long_fix``
     replaces the advice given when a document does not fit (a CLI names its own options).
     :func:`tokenize_to_disk` gives the same rows for a training set larger than memory.
     """
+    if fit and mode != "document":
+        raise ValueError('fit=True needs mode="document": chunks are cut at a fixed seq_len')
     rows = _RowBuilder.create(
         tokenizer, seq_len, mode=mode, min_tokens=min_tokens, truncate=truncate, add_eos=add_eos,
         add_bos=add_bos, specials=specials, too_long_fix=too_long_fix)
@@ -188,7 +199,48 @@ def tokenize_documents(
     if not docs:
         raise DataError("no documents to tokenize; read some with read_documents first")
     _check_unique(docs, set())
-    return rows.build(docs)
+    return rows.build(docs, fit=fit)
+
+
+def _fitted(longest: int, bound: int) -> int:
+    return max(2, min(bound, -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE))
+
+
+def longest_row(docs: Iterable[Document], tokenizer: Any, seq_len: int, *,
+                chunk_docs: int = 2048, add_eos: bool = True, add_bos: bool = False,
+                specials: SpecialIds | None = None) -> int:
+    """The row length ``tokenize_documents(..., mode="document", fit=True)`` gives ``docs``,
+    found by encoding them ``chunk_docs`` at a time (for a stream too large to tokenize in
+    memory: :func:`tokenize_to_disk` then writes rows of this length). A document longer than
+    ``seq_len`` counts as ``seq_len`` (tokenizing it refuses it, naming the fix)."""
+    rows = _RowBuilder.create(tokenizer, seq_len, mode="document", min_tokens=None,
+                              truncate=True, add_eos=add_eos, add_bos=add_bos, specials=specials,
+                              too_long_fix=None)
+    longest = 0
+    docs = iter(docs)
+    while chunk := list(itertools.islice(docs, chunk_docs)):
+        longest = max(longest, max(len(t) for t, _ in rows.sequences(chunk)))
+    if not longest:
+        raise DataError("no documents to tokenize; read some with read_documents first")
+    return _fitted(longest, seq_len)
+
+
+def pad_columns(rows: TokenizedSet, seq_len: int, filler_id: int) -> TokenizedSet:
+    """``rows`` right-padded to ``seq_len`` tokens (unchanged when already that long): padding
+    holds ``filler_id``, attention and loss masks 0, so every row's loss is unchanged."""
+    extra = seq_len - rows.seq_len
+    if extra < 0:
+        raise ValueError(f"cannot pad rows of {rows.seq_len} tokens to {seq_len}")
+    if extra == 0:
+        return rows
+
+    def pad(a, value):
+        return None if a is None else np.pad(a, ((0, 0), (0, extra)), constant_values=value)
+
+    return dataclasses.replace(rows, input_ids=pad(rows.input_ids, filler_id),
+                               attention_mask=pad(rows.attention_mask, 0),
+                               loss_mask=pad(rows.loss_mask, 0),
+                               targets=pad(rows.targets, filler_id))
 
 
 # The row arrays of a tokenized directory, each int32 [n, seq_len] in <name>.npy.
@@ -406,21 +458,28 @@ class _RowBuilder:
                    tail=[sp.eos_id] if add_eos and sp.eos_id is not None else [],
                    filler_id=sp.filler_id, too_long_fix=too_long_fix)
 
-    def build(self, docs: Sequence[Document]) -> TokenizedSet:
-        """The rows of ``docs`` (ids assumed unique), in document order."""
-        seq_len = self.seq_len
+    def sequences(self, docs: Sequence[Document]) -> list[tuple[list[int], np.ndarray]]:
+        """Each document's whole token sequence and which of its tokens are scored."""
         texts = [d.text for d in docs]
         prompted = [i for i, d in enumerate(docs) if d.prompt is not None]
         text_ids = _encode(self.backend, texts)
         prompt_ids = dict(zip(prompted, _encode(self.backend, [docs[i].prompt for i in prompted])))
-
-        rows: list[tuple[str, str, list[int], np.ndarray]] = []  # (row id, doc id, tokens, scored)
-        for i, doc in enumerate(docs):
+        out = []
+        for i in range(len(docs)):
             context = self.head + prompt_ids.get(i, [])
             tokens = context + text_ids[i] + self.tail
             # scored[j]: token j is a completion token, i.e. a target worth predicting.
             scored = np.zeros(len(tokens), dtype=bool)
             scored[len(context):] = True
+            out.append((tokens, scored))
+        return out
+
+    def build(self, docs: Sequence[Document], fit: bool = False) -> TokenizedSet:
+        """The rows of ``docs`` (ids assumed unique), in document order; ``fit``: as long as
+        the longest row (rounded up to :data:`ROW_MULTIPLE`), not ``seq_len``."""
+        seq_len = self.seq_len
+        rows: list[tuple[str, str, list[int], np.ndarray]] = []  # (row id, doc id, tokens, scored)
+        for doc, (tokens, scored) in zip(docs, self.sequences(docs)):
             if self.mode == "document":
                 if len(tokens) > seq_len:
                     if not self.truncate:
@@ -447,6 +506,8 @@ class _RowBuilder:
                     rows.append((f"{doc.id}:{k}", doc.id, piece, piece_scored))
 
         n = len(rows)
+        if fit:
+            seq_len = _fitted(max(len(r[2]) for r in rows), seq_len)
         input_ids = np.full((n, seq_len), self.filler_id, dtype=np.int32)
         attention_mask = np.zeros((n, seq_len), dtype=np.int32)
         loss_mask = np.zeros((n, seq_len), dtype=np.int32)

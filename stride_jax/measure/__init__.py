@@ -67,8 +67,8 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
     ``per_token``); see :mod:`stride_jax.measure._measurement`.
 
     With a ``mesh`` each chunk of ``subset_chunk`` operators is split over the devices (the
-    query batch's activations are replicated), so ``subset_chunk`` must be a multiple of the
-    device count. ``per_token=True`` also returns ``y_qtk`` [Q, T, K], the per-position change
+    query batch's activations are replicated); ``subset_chunk`` is rounded up to a multiple of
+    the device count (K must be one). ``per_token=True`` also returns ``y_qtk`` [Q, T, K], the per-position change
     of the target log-probability (0 at unscored positions), whose masked mean over ``t`` is
     ``y_qk``; it costs Q x T x K floats of host memory, so use it for a few queries.
     """
@@ -92,6 +92,9 @@ def measure_responses(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Arr
     cfg = dataclasses.replace(cfg, query_batch=min(cfg.query_batch, Q))
     S = min(cfg.subset_chunk, K)
     if mesh is not None:
+        # Result-neutral: a chunk the devices cannot split is rounded up (K itself must divide).
+        from stride_jax.parallel import round_to_devices
+        S = min(round_to_devices(S, mesh.size), K)
         mesh.check_divides(**{"measure.subset_chunk (or K when smaller)": S})
     n_chunks = -(-K // S)
     coef_pad = jnp.concatenate([coef_krc, jnp.zeros((n_chunks * S - K,) + coef_krc.shape[1:],

@@ -49,7 +49,7 @@ QUERIES = "queries"
 
 __all__ = ["ParallelConfig", "QUERIES", "SUBSETS", "SubsetMesh", "initialize", "is_writer",
            "make_mesh", "make_query_mesh", "place_queries", "process_dir", "process_slice",
-           "query_sharding", "to_host"]
+           "query_sharding", "round_to_devices", "subset_devices", "to_host"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,12 @@ class ParallelConfig:
     """Devices sharing the subset axis, and the processes of a multi-host run (neither changes
     results beyond float rounding)."""
 
-    devices: int = option(1, "devices the subset axis is sharded over (0: all devices of all "
-                             "processes); design.num_subsets, train.subsets_per_step and "
-                             "measure.subset_chunk must be multiples of it; with several "
-                             "processes, a multiple of their number")
+    devices: int = option(0, "devices the subset axis (trained operators) or the rows (closed "
+                             "form) are sharded over (0: all devices of all processes); the "
+                             "automatic design.num_subsets and closed_form.batch_size round to "
+                             "a multiple of it, measure.subset_chunk rounds up to one, a set "
+                             "design.num_subsets and train.subsets_per_step must be multiples "
+                             "of it; with several processes, a multiple of their number")
     distributed: bool = option(
         False, "multi-host: call jax.distributed.initialize() before any work, so every process "
                "of the job joins one runtime (TPU pods, GPU clusters, SLURM, Open MPI); process "
@@ -239,6 +241,18 @@ def _mesh_devices(want: int) -> list:
     for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
         by_proc.setdefault(d.process_index, []).append(d)
     return [d for p in sorted(by_proc) for d in by_proc[p][:per]]
+
+
+def subset_devices(cfg: ParallelConfig | int | None) -> int:
+    """How many devices :func:`make_mesh` splits the subset axis over for ``cfg`` (``0``: all
+    devices of all processes); every subset-axis size is a multiple of it."""
+    want = cfg.devices if isinstance(cfg, ParallelConfig) else (cfg or 1)
+    return len(_mesh_devices(want))
+
+
+def round_to_devices(size: int, devices: int) -> int:
+    """``size`` rounded up to a multiple of ``devices`` (a result-neutral chunk size)."""
+    return -(-max(size, 1) // devices) * devices
 
 
 def make_mesh(cfg: ParallelConfig | int | None) -> SubsetMesh | None:

@@ -6,11 +6,30 @@ and per device, and (given a budget) shrinks the chunk sizes that do not change 
 Settings that do change results (``train.subsets_per_step``, rows, tokens, K, rank) are never
 touched: when they do not fit, the plan refuses, naming the stage and the settings to lower.
 
-Closed-form operators (the default, :func:`_closed_form_stages`): per device one batch of
-``B`` rows, ``c_closed * 4 B T (D + 2 V + C + k)`` (the softmax, the site gradients and the
-whitened terms) plus the batch's gradients ``4 B D k``; the factors ``D^2 + C^2`` (``C`` for a
-diagonal Fisher); the queries' whitened gradients ``4 Q D k``; the scores ``4 Q n`` (dense) or
-``24 Q topk``. ``closed_form.batch_size`` is the result-neutral knob.
+Closed-form operators (the default, :func:`_closed_form_stages`), per device, ``B`` rows per
+device per batch of ``T`` tokens, ``D`` the reader width, ``C`` the site width, ``k`` the
+projected output side:
+
+* the factor pass: about three ``[B T, V]`` float32 temporaries (logits, softmax and their
+  products), ``c_closed * 12 B T V``, plus the running factor sums twice (in and out:
+  ``8 (D^2 + V + C^2)``, ``C`` for a diagonal Fisher); at ``final_hidden`` also ``U^T p`` per
+  token and the unembedding;
+* the query and score passes (one program): two ``[B T, V]`` temporaries and the per-token
+  whitened terms, ``c_closed * 4 B T (2 V + D + k)``, the transforms ``4 (D^2 + C k)``, the
+  queries' gradients ``4 Q D k`` and the batch's gradients ``4 B D k`` (four batches in flight
+  in the query pass, two in the score pass);
+* on the host: the factor sums and their eigendecompositions in float64 (``24 (D^2 + C^2)``,
+  ``32 C`` diagonal) and the projection and transform in float64 (``16 C k``), the queries'
+  gradients, and the scores ``4 Q n`` (dense) or ``24 Q topk``.
+
+``closed_form.batch_size`` is the result-neutral knob. ``c_closed`` = 1.3 keeps the estimates
+above XLA's compiled-memory analysis of the real kernels on every shape tested, and within 2x
+of it (``tests/test_memory.py``).
+
+Every stage also counts :data:`RUNTIME` on the host: the interpreter, JAX's runtime and XLA's
+compiler (a measured process of a 4-layer model holds ~0.5 GiB before any array and compiling a
+kernel takes a few hundred MiB more). On a CPU the host and the devices are one memory: with
+``unified=True`` a budget bounds ``host + devices x device``.
 
 Trained operators, estimates in float32 bytes (``b`` rows and ``bs`` stability rows per subset, ``T'`` scored
 positions per row, ``S`` subsets per device per step, ``C`` the operator output width, ``V`` the
@@ -26,7 +45,10 @@ vocabulary, ``D`` devices):
   (subset, row, position), ``c_train * S (b + bs) T' V`` floats, plus the chunk's gathered
   coefficients and gradients ``16 S r C``; the residual site adds the upper layers' activations;
 * measurement: ``c_measure * (subset_chunk / D) * query_batch * T * V`` floats plus the base
-  log-probabilities ``3 * query_batch * T * V``;
+  log-probabilities ``3 * query_batch * T * V``. ``c_measure`` = 4.5 is calibrated against the
+  process's resident memory, not XLA's analysis: on the CPU the vmapped chunk peaks at ~3.7
+  such floats, twice what XLA's buffer assignment reports (issue 16: a plan of 11.1 GiB, a
+  process of 23-24 GB; ``tests/test_memory.py`` measures a process);
 * recovery: ``c_solve * query_chunk * (n + K)`` doubles plus the ridge's ``2 K^2`` Gram and
   eigenvectors, plus the scores: ``4 Q n`` dense, or with ``scores=topk`` one block's
   ``4 query_chunk n`` and ``24 Q topk``;
@@ -47,14 +69,16 @@ from typing import Any
 
 from stride_jax.errors import ConfigError, MemoryBudgetError
 
-__all__ = ["MemoryBudgetError", "MemoryPlan", "Shapes", "StageMemory", "cache_on_disk", "format_bytes",
-           "parse_bytes", "plan_memory", "scores_dense"]
+__all__ = ["MemoryBudgetError", "MemoryPlan", "RUNTIME", "Shapes", "StageMemory", "available_memory",
+           "cache_on_disk", "format_bytes", "parse_bytes", "plan_memory", "scores_dense"]
 
-# Calibrated against XLA's memory_analysis() (see the module docstring).
-C_TRAIN = 2.5
-C_MEASURE = 2.0
+# Calibrated against XLA's memory_analysis() and the process's peak (see the module docstring).
+C_TRAIN = 3.0
+C_MEASURE = 4.5
 C_SOLVE = 6.0
-C_CLOSED = 2.0
+C_CLOSED = 1.3
+# Host bytes of the process before any array: interpreter, JAX runtime, XLA compilations.
+RUNTIME = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +109,8 @@ class MemoryPlan:
     config: Any            # the AttributeConfig, with chunk sizes possibly lowered
     budget: int | None
     changes: tuple[str, ...]
+    devices: int = 1
+    unified: bool = False  # the devices share the host's memory (a CPU)
 
     @property
     def peak_host(self) -> int:
@@ -94,6 +120,11 @@ class MemoryPlan:
     def peak_device(self) -> int:
         return max(s.device for s in self.stages)
 
+    @property
+    def peak_total(self) -> int:
+        """The most memory of one machine a stage holds: host plus all its devices."""
+        return max(s.host + self.devices * s.device for s in self.stages)
+
     def format(self) -> str:
         lines = [f"{'stage':<12} {'host':>10} {'per device':>11}  detail"]
         for s in self.stages:
@@ -101,6 +132,8 @@ class MemoryPlan:
                          f"  {s.detail}")
         peak = f"peak: host {format_bytes(self.peak_host)}, per device " \
                f"{format_bytes(self.peak_device)}"
+        if self.unified:
+            peak += f", together {format_bytes(self.peak_total)} (one memory)"
         if self.budget is not None:
             peak += f" (budget {format_bytes(self.budget)})"
         lines.append(peak)
@@ -121,6 +154,30 @@ def parse_bytes(text: str | int) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"cannot read the memory size {text!r}; write e.g. 24GiB, 8GB or 512MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def available_memory() -> tuple[int | None, int | None, bool]:
+    """``(host, per device, unified)``: the host memory available now (``MemAvailable``), each
+    accelerator's memory limit as JAX reports it (None on a CPU), and whether the devices are
+    the host's own memory (a CPU backend). The default budget of ``stride-jax attribute``."""
+    import jax
+    host = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    dev = jax.local_devices()[0]
+    unified = dev.platform == "cpu"
+    limit = None
+    if not unified:
+        try:
+            limit = (dev.memory_stats() or {}).get("bytes_limit")
+        except Exception:   # backends without memory statistics
+            limit = None
+    return host, limit, unified
 
 
 def format_bytes(b: float) -> str:
@@ -165,28 +222,37 @@ def closed_form_dims(cfg, s: Shapes) -> tuple[int, int, int, bool]:
 
 def _closed_form_stages(cfg, s: Shapes, devices: int) -> list[StageMemory]:
     """Closed-form operators: two streamed passes over the training rows and one over the
-    queries; per device one batch of rows (its V-wide softmax and site gradients, and its
-    whitened gradients ``B D k``), the factors, and the queries' gradients ``Q D k``."""
+    queries (see the module docstring for the terms)."""
     D, C, k, full = closed_form_dims(cfg, s)
-    V, T, Q = s.vocab, s.seq_len, s.num_queries
+    diagonal = cfg.steering.site == "logits" and not full
+    V, T, Q, d = s.vocab, s.seq_len, s.num_queries, s.d_final
     B = -(-cfg.closed_form.batch_size // devices)          # rows per device per batch
+    BT = B * T
     p = s.params_bytes // devices if cfg.parallel.model == "fsdp" else s.params_bytes
-    tokens = 12 * s.n * T
-    factors = 8 * (D * D + (C * C if full else C)) + 4 * (D * D + C * k)
-    batch = C_CLOSED * 4 * B * T * (D + 2 * V + C + k) + 4 * B * D * k
+    tokens = 12 * s.n * T + RUNTIME
+    metric = C if diagonal else C * C
+    # Factor pass: the sums in and out, three [B T, V] temporaries.
+    stats = C_CLOSED * 12 * BT * V + 8 * (D * D + V + metric)
     if cfg.steering.site == "final_hidden":
-        batch += 4 * s.d_final * V                          # the unembedding U
-    stats = 4 * (D * D + (C * C if full else C))
+        stats += C_CLOSED * 4 * BT * d + 4 * d * V          # U^T p per token, the unembedding U
+    host_factors = 8 * (3 * D * D + (4 * C if diagonal else 3 * C * C) + 2 * C * k) + 4 * C * k
+    if cfg.steering.site == "final_hidden":
+        host_factors += 16 * d * V
+    # The query and score program: transforms, the queries' gradients, two [B T, V]
+    # temporaries and the per-token terms, and each batch's gradients.
+    program = 4 * (D * D + C * k) + 4 * Q * D * k + C_CLOSED * 4 * BT * (2 * V + D + k)
+    grads = 4 * B * D * k + 4 * Q * B
     g_q = 4 * Q * D * k
     dense = scores_dense(cfg, num_queries=Q, n=s.n)
-    scores = 4 * Q * s.n if dense else 24 * Q * cfg.topk + 4 * Q * B * devices
+    scores = 4 * Q * s.n if dense else 24 * Q * cfg.topk
     return [
-        StageMemory("factors", tokens + factors, int(p + batch + stats),
-                    f"A {D}x{D}, S {C}x{C if full else 1} ({'full' if full else 'diagonal'}), "
-                    f"batch_size={B * devices}"),
-        StageMemory("queries", tokens + g_q, int(p + batch + 4 * D * k + 4 * C * k),
+        StageMemory("factors", int(tokens + host_factors), int(p + stats),
+                    f"A {D}x{D}, S {C}x{C if not diagonal else 1} "
+                    f"({'diagonal' if diagonal else 'full'}), batch_size={B * devices}"),
+        StageMemory("queries", int(tokens + g_q + 4 * C * k), int(p + program + 4 * grads),
                     f"{Q} query gradients of {D}x{k}"),
-        StageMemory("scores", int(tokens + g_q + scores), int(p + batch + g_q + 4 * C * k),
+        StageMemory("scores", int(tokens + g_q + 4 * C * k + scores),
+                    int(p + program + 2 * grads + 64 * 4 * Q * B),
                     f"n={s.n}, scores {'dense' if dense else f'top {cfg.topk}'}"),
     ]
 
@@ -196,7 +262,7 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
         return _closed_form_stages(cfg, s, devices)
     from stride_jax.subsets import default_num_subsets
     d = cfg.design.per_example
-    K = cfg.design.num_subsets or default_num_subsets(s.n, d)
+    K = cfg.design.num_subsets or default_num_subsets(s.n, d, multiple=devices)
     site, r = cfg.steering.site, cfg.steering.rank
     C = s.vocab if site == "logits" else s.d_final
     V = s.vocab
@@ -210,7 +276,7 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
     width = s.d_reader + s.d_final
     on_disk = cache_on_disk(cfg.cache, rows=s.n, seq_len=T, width=width, has_workdir=has_workdir)
     cache = itemsize * s.n * T * width
-    tokens = 12 * s.n * T
+    tokens = 12 * s.n * T + RUNTIME
     state = 12 * K * r * C // devices + 3 * 4 * s.d_reader * r
     rows = t_cfg.rows_per_subset + t_cfg.stability_rows
     step = C_TRAIN * 4 * S * rows * Tp * V + 16 * S * r * C
@@ -220,12 +286,15 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
         width if on_disk else cache
     if site == "residual":
         # the upper layers rerun on whole rows for every subset (activations kept for backward)
-        step += 4 * S * rows * T * s.d_final * max(1, s.upper_layers) * 12
+        step += 4 * S * rows * T * s.d_final * max(1, s.upper_layers) * 30
     qb = min(cfg.measure.query_batch, s.num_queries)
-    sc = max(1, min(cfg.measure.subset_chunk, K) // devices)
+    sc = -(-min(cfg.measure.subset_chunk, K) // devices)      # rounded up to the devices
     measure = C_MEASURE * 4 * sc * qb * T * V + 3 * 4 * qb * T * V
     if site == "residual":
-        measure += 4 * sc * qb * T * s.d_final * max(1, s.upper_layers) * 4
+        # XLA keeps half as many [subsets, rows, T, V] floats there (measured), plus the upper
+        # layers' activations.
+        measure += 4 * sc * qb * T * s.d_final * max(1, s.upper_layers) * 4 - \
+            C_MEASURE / 2 * 4 * sc * qb * T * V
     qc = min(cfg.solve.query_chunk, s.num_queries)
     solve = C_SOLVE * 8 * qc * (s.n + K) + (2 * 8 * K * K if cfg.solve.estimator != "lasso" else 0)
     Q = s.num_queries
@@ -235,7 +304,7 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
     # FSDP: each device holds 1/D of the frozen weights (plus transient gathers of one layer's).
     p = s.params_bytes // devices if cfg.parallel.model == "fsdp" else s.params_bytes
     return [
-        StageMemory("design", design, 0, f"K={K}, d={d}"),
+        StageMemory("design", design + RUNTIME, 0, f"K={K}, d={d}"),
         StageMemory("cache", host_cache + tokens, p + 4 * 64 * T * width,
                     f"{s.n} rows x {T} tokens x {width} {cfg.cache.dtype}"
                     f"{' on disk' if on_disk else ''}"),
@@ -243,22 +312,24 @@ def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[S
                     int(p + device_cache + tokens + state + step),
                     f"state {format_bytes(state)}, step {format_bytes(step)} "
                     f"({S} subsets/device x {rows} rows x {Tp} positions x V={V})"),
-        StageMemory("measure", 4 * s.num_queries * K + 12 * K * r * C,
+        StageMemory("measure", RUNTIME + 4 * s.num_queries * K + 12 * K * r * C,
                     int(p + 12 * K * r * C // devices + measure),
                     f"query_batch={qb}, subset_chunk={sc * devices}"),
-        StageMemory("solve", int(solve + 4 * Q * K + scores), 0,
+        StageMemory("solve", int(RUNTIME + solve + 4 * Q * K + scores), 0,
                     f"query_chunk={qc}, n={s.n}, K={K}, scores "
                     f"{'dense' if dense else f'top {cfg.topk}'}"),
     ]
 
 
 def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices: int = 1,
-                device_budget: int | str | None = None, has_workdir: bool = True) -> MemoryPlan:
+                device_budget: int | str | None = None, has_workdir: bool = True,
+                unified: bool = False) -> MemoryPlan:
     """Estimate each stage's peak; with a budget, lower the result-neutral chunk sizes to fit.
 
-    ``budget`` bounds the host, ``device_budget`` each device (default: the same as ``budget``;
-    on a CPU the two are one memory). Raises :class:`MemoryBudgetError` naming the stage and what
-    to change when even the smallest chunks do not fit.
+    ``budget`` bounds the host, ``device_budget`` each device (default: the same as ``budget``).
+    ``unified``: the devices are the host's own memory (a CPU): ``budget`` then bounds the host
+    and all devices together. Raises :class:`MemoryBudgetError` naming the stage and what to
+    change when even the smallest chunks do not fit.
     """
     host_b = parse_bytes(budget) if budget is not None else None
     dev_b = parse_bytes(device_budget) if device_budget is not None else host_b
@@ -266,13 +337,24 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
     original = cfg
     stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
     if host_b is None:
-        return MemoryPlan(tuple(stages), cfg, None, ())
+        return MemoryPlan(tuple(stages), cfg, None, (), devices, unified)
+
+    def need(stage: StageMemory) -> tuple[str, int, int]:
+        """Where a stage is over budget (``""``: it fits), what it needs and the budget there."""
+        if unified:
+            total = stage.host + devices * stage.device
+            return ("host and devices together" if total > host_b else "", total, host_b)
+        if stage.host > host_b:
+            return "host", stage.host, host_b
+        if dev_b is not None and stage.device > dev_b:
+            return "per device", stage.device, dev_b
+        return "", 0, 0
 
     def over(stage: StageMemory) -> bool:
-        return stage.host > host_b or (dev_b is not None and stage.device > dev_b)
+        return bool(need(stage)[0])
 
     def by_name(name):
-        return next(s for s in stages if s.stage == name)
+        return next((s for s in stages if s.stage == name), None)
 
     if getattr(cfg, "operators", "trained") == "closed_form":
         # The one result-neutral knob: rows per forward pass.
@@ -282,7 +364,7 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
             stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
     # Shrink the result-neutral chunks, halving the largest contributor first.
     for _ in range(64 if getattr(cfg, "operators", "trained") != "closed_form" else 0):
-        if by_name("measure").device <= (dev_b or math.inf) or (
+        if not over(by_name("measure")) or (
                 cfg.measure.subset_chunk <= devices and cfg.measure.query_batch <= 1):
             break
         m = cfg.measure
@@ -294,7 +376,7 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
                 m, query_batch=max(1, m.query_batch // 2)))
         stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
     for _ in range(64 if getattr(cfg, "operators", "trained") != "closed_form" else 0):
-        if by_name("solve").host <= host_b or cfg.solve.query_chunk <= 1:
+        if not over(by_name("solve")) or cfg.solve.query_chunk <= 1:
             break
         cfg = dataclasses.replace(cfg, solve=dataclasses.replace(
             cfg.solve, query_chunk=max(1, cfg.solve.query_chunk // 2)))
@@ -304,7 +386,7 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
         was, now = getattr(getattr(original, section), key), getattr(getattr(cfg, section), key)
         if was != now:
             changes.append(f"{section}.{key}: {was} -> {now}")
-    plan = MemoryPlan(tuple(stages), cfg, host_b, tuple(changes))
+    plan = MemoryPlan(tuple(stages), cfg, host_b, tuple(changes), devices, unified)
     bad = [s for s in stages if over(s)]
     if bad:
         s = bad[0]
@@ -325,10 +407,9 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
                      "Q x n matrix), lower design.num_subsets (the ridge Gram is K x K) or use "
                      "solve.estimator=lasso",
         }[s.stage]
-        where = "host" if s.host > host_b else "per device"
-        need = s.host if s.host > host_b else s.device
+        where, needed, limit = need(s)
         raise MemoryBudgetError(
-            f"the {s.stage} stage needs about {format_bytes(need)} ({where}; {s.detail}) but the "
-            f"budget is {format_bytes(host_b if where == 'host' else dev_b)}, even with the "
-            f"smallest result-neutral chunks; {fix}")
+            f"the {s.stage} stage needs about {format_bytes(needed)} ({where}; {s.detail}) but "
+            f"the budget is {format_bytes(limit)}, even with the smallest result-neutral chunks; "
+            f"{fix}")
     return plan

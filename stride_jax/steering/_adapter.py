@@ -71,6 +71,9 @@ class LMFunctions:
     num_layers: int
     fingerprint: str | None = None
     input_vocab_size: int | None = None   # when inputs index another table than the outputs
+    # ``features_as(dtype)``: ``features`` with the layers computing in another dtype (e.g.
+    # "bfloat16") over the same params; None when the model cannot (a foreign LMFunctions).
+    features_as: Callable[[str], Callable] | None = None
 
     @classmethod
     def from_nnx(cls, model: nnx.Module, *, reader: Callable, head: Callable,
@@ -137,14 +140,47 @@ def from_causal_lm(model: CausalLM, layer: int) -> LMFunctions:
         raise ConfigError(f"steering layer {layer} is out of range for a {c.num_layers}-block model "
                           f"(use 0 .. {c.num_layers - 1})")
     graphdef, state = nnx.split(model)
+    features, head, upper, features_as = _functions(graphdef, c, layer)
+    return LMFunctions(params=state, features=features, head=head, upper=upper,
+                       d_reader=c.hidden_size, d_final=c.hidden_size, vocab_size=c.vocab_size,
+                       max_len=c.max_position_embeddings, layer=layer, num_layers=c.num_layers,
+                       features_as=features_as)
 
-    def features(params, input_ids, attention_mask):
-        m = nnx.merge(graphdef, params)
-        ctx, pos = m.context(input_ids, attention_mask)
-        h = m.embed(input_ids, pos)
-        h_reader = m.run_layers(h, ctx, 0, layer + 1)
-        h_top = m.run_layers(h_reader, ctx, layer + 1)
-        return h_reader, m.final_norm(h_top)
+
+# The pure functions of one architecture and reader layer, shared by every model of that graph
+# (they close over the graph only; the weights are an argument): a second Attributor of the same
+# model, or of another checkpoint of its architecture, reuses the jitted kernels built on them
+# instead of tracing and compiling them again.
+_FUNCTIONS: dict = {}
+
+
+def _functions(graphdef, c, layer: int):
+    key = (graphdef, layer)
+    if key in _FUNCTIONS:
+        return _FUNCTIONS[key]
+
+    def features_of(graph):
+        def features(params, input_ids, attention_mask):
+            m = nnx.merge(graph, params)
+            ctx, pos = m.context(input_ids, attention_mask)
+            h = m.embed(input_ids, pos)
+            h_reader = m.run_layers(h, ctx, 0, layer + 1)
+            h_top = m.run_layers(h_reader, ctx, layer + 1)
+            return h_reader, m.final_norm(h_top)
+        return features
+
+    features = features_of(graphdef)
+    variants: dict[str, Callable] = {c.dtype: features}
+
+    def features_as(dtype: str) -> Callable:
+        # Same parameter tree, another compute dtype: only the graph's static dtype differs
+        # (each matmul casts its float32 weight on the fly). Built once per dtype, so the
+        # jitted functions keyed by it are reused.
+        if dtype not in variants:
+            from stride_jax.model.transformer import abstract_model
+            graph, _ = nnx.split(abstract_model(dataclasses.replace(c, dtype=dtype)))
+            variants[dtype] = features_of(graph)
+        return variants[dtype]
 
     def head(params, h_final):
         return nnx.merge(graphdef, params).unembed(h_final)
@@ -154,9 +190,8 @@ def from_causal_lm(model: CausalLM, layer: int) -> LMFunctions:
         ctx, _ = m.context(input_ids, attention_mask)
         return m.final_norm(m.run_layers(h_reader, ctx, layer + 1))
 
-    return LMFunctions(params=state, features=features, head=head, upper=upper,
-                       d_reader=c.hidden_size, d_final=c.hidden_size, vocab_size=c.vocab_size,
-                       max_len=c.max_position_embeddings, layer=layer, num_layers=c.num_layers)
+    _FUNCTIONS[key] = (features, head, upper, features_as)
+    return _FUNCTIONS[key]
 
 
 def check_shapes(lm: LMFunctions, site: str, seq_len: int) -> None:

@@ -371,10 +371,12 @@ class Design:
 # -------------------------------------------------------------------- generators
 
 
-def default_num_subsets(n: int, d: int = 10) -> int:
+def default_num_subsets(n: int, d: int = 10, *, multiple: int = 1) -> int:
     """Number of subsets K for n examples each placed in d subsets.
 
-    ``K = min(1000, max(2 d, n d // 32), n d)``, and at least d:
+    ``K = min(1000, max(2 d, n d // 32), n d)``, and at least d, then rounded up to a multiple
+    of ``multiple`` (the devices the subset axis is split over; rounded down instead when up
+    would pass ``n d``, the most subsets that can all be nonempty):
 
     * 1000 is the paper's K;
     * ``n d // 32`` keeps the mean subset size n d / K at >= 32 examples, because the prototype
@@ -386,7 +388,17 @@ def default_num_subsets(n: int, d: int = 10) -> int:
     _check_positive("n", n, "the number of training examples")
     _check_positive("d", d, "the number of subsets per example")
     K = min(n * d, _PAPER_NUM_SUBSETS, max(2 * d, n * d // _MIN_MEAN_SUBSET_SIZE))
-    return int(max(d, K))  # d > 1000 is degenerate (every example everywhere) but valid
+    K = int(max(d, K))  # d > 1000 is degenerate (every example everywhere) but valid
+    _check_positive("multiple", multiple, "the devices of the subset axis")
+    up = -(-K // multiple) * multiple
+    if up <= n * d:
+        return up
+    down = K // multiple * multiple
+    if down >= d:
+        return down
+    raise ValueError(f"no number of subsets between d={d} and n*d={n * d} is a multiple of the "
+                     f"{multiple} devices; use fewer devices (parallel.devices) for n={n} rows "
+                     f"or set design.num_subsets")
 
 
 def _check_positive(name: str, value: int, what: str) -> None:

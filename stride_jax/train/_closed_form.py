@@ -62,7 +62,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,9 +75,9 @@ from stride_jax.steering import LMFunctions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClosedFormConfig", "OperatorFactors", "closed_form_scores", "fit_factors",
-           "operator_gradients", "query_losses", "reader_damping_of", "site_width",
-           "token_scores"]
+__all__ = ["ClosedFormConfig", "OperatorFactors", "closed_form_scores", "compute_dtype",
+           "fit_factors", "operator_gradients", "query_losses", "query_terms",
+           "reader_damping_of", "self_scores", "site_width", "token_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,12 @@ class ClosedFormConfig:
     checkpoint_rows: int = option(
         8192, "a pass over the training rows saves its progress every this many rows, so a "
               "killed run resumes there")
+    dtype: Literal["model", "bfloat16", "auto"] = option(
+        "model", "compute dtype of the frozen model's layers and of the output-side projection "
+                 "in every pass; the head, softmax, factors, gradients and scores accumulate in "
+                 "float32 whatever it is. model: the model's own (float32 unless loaded "
+                 "otherwise); bfloat16: faster on GPUs and TPUs (not on CPUs without bfloat16 "
+                 "units); auto: bfloat16 on GPUs and TPUs, the model's own on CPUs")
 
     def __post_init__(self) -> None:
         rd = self.reader_damping
@@ -108,6 +114,8 @@ class ClosedFormConfig:
         if (rd not in ("auto", "none") if isinstance(rd, str) else
                 isinstance(rd, bool) or not (np.isfinite(rd) and rd > 0)):
             extra.append(("reader_damping", rd, "must be 'auto', 'none' or a positive number"))
+        if self.dtype not in ("model", "bfloat16", "auto"):
+            extra.append(("dtype", self.dtype, "must be 'model', 'bfloat16' or 'auto'"))
         check_ranges(self, {"output_damping": "> 0", "full_metric_limit": ">= 1",
                             "max_dim": ">= 1", "batch_size": ">= 1", "checkpoint_rows": ">= 1"},
                      extra=extra)
@@ -132,20 +140,47 @@ def site_width(lm: LMFunctions, site: str) -> int:
                       f"operators=trained for the residual site")
 
 
-def _terms(lm: LMFunctions, site: str, params, ids, mask, targets, loss_mask):
+def compute_dtype(cfg: ClosedFormConfig, platform: str | None = None) -> str:
+    """The dtype ``cfg.dtype`` asks for on ``platform`` (default: JAX's default backend):
+    ``"model"`` (the model's own) or ``"bfloat16"``."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    platform = platform or jax.default_backend()
+    return "model" if platform == "cpu" else "bfloat16"
+
+
+def _features(lm: LMFunctions, dtype: str) -> Callable:
+    if dtype == "model":
+        return lm.features
+    if lm.features_as is None:
+        raise ConfigError(f"closed_form.dtype={dtype} needs a model that can compute in another "
+                         f"dtype (a stride-jax CausalLM); this LMFunctions has no features_as: "
+                         f"set closed_form.dtype=model, or fill LMFunctions.features_as")
+    return lm.features_as(dtype)
+
+
+def _terms(lm: LMFunctions, site: str, params, ids, mask, targets, loss_mask,
+           dtype: str = "model"):
     """Per token: reader features phi [b, T, D], the loss gradient at the site dl/dz [b, T, C]
-    weighted by 1 / (the row's scored tokens), the probabilities p [b, T, V] and the scored-token
-    mask m [b, T]."""
-    h_reader, h_final = lm.features(params, ids, mask)
+    weighted by 1 / (the row's scored tokens), the probabilities p [b, T, V], the scored-token
+    mask m [b, T] and each row's mean token loss [b]. The layers run in ``dtype``; the head,
+    softmax and everything after it in float32."""
+    h_reader, h_final = _features(lm, dtype)(params, ids, mask)
     phi = _rms(h_reader)
     h_final = h_final.astype(jnp.float32)
     logits, head_vjp = jax.vjp(lambda h: lm.head(params, h).astype(jnp.float32), h_final)
-    p = jax.nn.softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(logp)
     m = loss_mask.astype(jnp.float32)
-    w = m / jnp.maximum(m.sum(-1, keepdims=True), 1.0)
-    r = (p - jax.nn.one_hot(targets, p.shape[-1], dtype=p.dtype)) * w[..., None]
+    count = m.sum(-1)
+    w = m / jnp.maximum(count, 1.0)[:, None]
+    # p - onehot(y) without a [b, T, V] one-hot in memory (XLA fuses the compare).
+    hit = jnp.arange(p.shape[-1], dtype=targets.dtype) == targets[..., None]
+    r = jnp.where(hit, p - 1.0, p) * w[..., None]
     e = r if site == "logits" else head_vjp(r)[0]
-    return phi, e, p, m
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    loss = jnp.sum(nll * m, -1) / jnp.maximum(count, 1.0)
+    return phi, e, p, m, loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,8 +226,9 @@ def _unembedding(lm: LMFunctions) -> jax.Array:
     return (lm.head(lm.params, jnp.eye(d, dtype=jnp.float32)[None])[0] - zero).astype(jnp.float32)
 
 
-# Jitted kernels, one per model functions and site: built once, so a second run (or a second
-# pass over other rows of the same shape) does not recompile.
+# Jitted kernels, one per model functions, site and dtype: built once, so a second run (or a
+# second pass over other rows of the same shape) does not recompile. Each kernel compiles once
+# per input shape (tests/test_closed_form_perf.py counts the traces).
 _KERNELS: dict = {}
 
 
@@ -203,16 +239,16 @@ def _kernel(kind: str, lm: LMFunctions, site: str, *extra, build: Callable):
     return _KERNELS[key]
 
 
-def _stat_fn(lm: LMFunctions, site: str, full: bool):
-    return _kernel("stats", lm, site, full, build=lambda: _build_stat_fn(lm, site, full))
+def _stat_fn(lm: LMFunctions, site: str, full: bool, dtype: str = "model"):
+    return _kernel("stats", lm, site, full, dtype,
+                   build=lambda: _build_stat_fn(lm, site, full, dtype))
 
 
-def _build_stat_fn(lm: LMFunctions, site: str, full: bool):
-    """Jitted per-batch sums of the factor statistics."""
+def _build_stat_fn(lm: LMFunctions, site: str, full: bool, dtype: str):
+    """Jitted: the running factor sums ``acc`` (float32, on the device) plus one batch's."""
 
-    @jax.jit
-    def stats(params, ids, mask, targets, loss_mask):
-        phi, _, p, m = _terms(lm, site, params, ids, mask, targets, loss_mask)
+    def stats(acc, params, ids, mask, targets, loss_mask):
+        phi, _, p, m, _ = _terms(lm, site, params, ids, mask, targets, loss_mask, dtype)
         sum_a = jnp.einsum("bt,btd,bte->de", m, phi, phi)
         sum_p = jnp.einsum("bt,btv->v", m, p)
         if site == "logits":
@@ -222,9 +258,10 @@ def _build_stat_fn(lm: LMFunctions, site: str, full: bool):
             # U^T p per token; E[(U^T p)(U^T p)^T] is the second term of U^T Sigma U.
             u = jnp.einsum("btv,dv->btd", p, _unembedding(lm))
             pp = jnp.einsum("bt,btd,bte->de", m, u, u)
-        return sum_a, sum_p, pp, m.sum()
+        return {"a": acc["a"] + sum_a, "p": acc["p"] + sum_p, "pp": acc["pp"] + pp,
+                "n": acc["n"] + m.sum()}
 
-    return stats
+    return jax.jit(stats)
 
 
 def _eigh(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,27 +283,45 @@ def reader_damping_of(cfg: ClosedFormConfig, width: int) -> float | None:
     return None if rd == "none" else float(rd)
 
 
+# Device-side float32 sums are folded into the float64 host sums every this many batches, so
+# float32 never adds up more than a few thousand rows.
+_FOLD_BATCHES = 64
+
+
 def fit_factors(lm: LMFunctions, data: TokenizedSet, site: str, cfg: ClosedFormConfig, *,
                 key: jax.Array, mesh=None, progress: bool = False,
                 resume_path: str | Path | None = None) -> OperatorFactors:
     """One forward pass over ``data``: the factors A and S, their eigendecompositions and the
     whitening (and projection) transforms. ``resume_path``: partial sums saved every
-    ``cfg.checkpoint_rows`` rows, resumed by a rerun."""
+    ``cfg.checkpoint_rows`` rows, resumed by a rerun.
+
+    The sums stay on the device between batches (no host round trip per batch) and are folded
+    into float64 host sums every few dozen batches and at every progress mark."""
     C = site_width(lm, site)
     D = lm.d_reader
     full = C <= cfg.full_metric_limit
-    stats = _stat_fn(lm, site, full)
-    zeros = {"a": np.zeros((D, D)), "p": np.zeros(lm.vocab_size),
-             "pp": np.zeros((C, C) if (full or site != "logits") else (C,)), "n": np.zeros(())}
+    stats = _stat_fn(lm, site, full, compute_dtype(cfg))
+    shapes = {"a": (D, D), "p": (lm.vocab_size,),
+              "pp": (C, C) if (full or site != "logits") else (C,), "n": ()}
+    zeros = {k_: np.zeros(v) for k_, v in shapes.items()}
+    pending: dict = {"sums": None, "batches": 0}
 
-    def step(acc, batch):
-        out = stats(lm.params, *batch)
-        for k_, v in zip(("a", "p", "pp", "n"), out):
-            acc[k_] = acc[k_] + np.asarray(v, np.float64)
+    def fold(acc):
+        if pending["sums"] is not None:
+            part = jax.device_get(pending["sums"])
+            acc = {k_: acc[k_] + np.asarray(part[k_], np.float64) for k_ in acc}
+            pending.update(sums=None, batches=0)
         return acc
 
+    def step(acc, batch):
+        if pending["sums"] is None:
+            pending["sums"] = {k_: jnp.zeros(v, jnp.float32) for k_, v in shapes.items()}
+        pending["sums"] = stats(pending["sums"], lm.params, *batch)
+        pending["batches"] += 1
+        return fold(acc) if pending["batches"] >= _FOLD_BATCHES else acc
+
     acc = row_pass(data, cfg, step, zeros, mesh=mesh, progress=progress, desc="fit operators",
-                   resume_path=resume_path)
+                   resume_path=resume_path, flush=fold)
     n_tok = float(acc["n"])
     if n_tok <= 0:
         raise DataError("the training rows have no scored token: nothing to fit the "
@@ -279,10 +334,13 @@ def fit_factors(lm: LMFunctions, data: TokenizedSet, site: str, cfg: ClosedFormC
         t_phi = np.eye(D)
     else:
         t_phi = q_a * np.sqrt(_damped(eig_a, lam_a))[None, :]
-    if site == "logits" and not full:
-        s_diag = np.maximum(p_bar - acc["pp"] / n_tok, 0.0)
-        eig_s = s_diag
-        t_out = np.diag(np.sqrt(_damped(s_diag, cfg.output_damping)))
+    diagonal = site == "logits" and not full
+    if diagonal:
+        # A diagonal whitening, kept as its C scales (a C x C matrix of them is 19 GB in
+        # float64 at a 49k vocabulary).
+        eig_s = np.maximum(p_bar - acc["pp"] / n_tok, 0.0)
+        scale = np.sqrt(_damped(eig_s, cfg.output_damping))
+        t_out = None
     else:
         if site == "logits":
             S = np.diag(p_bar) - acc["pp"] / n_tok
@@ -294,9 +352,16 @@ def fit_factors(lm: LMFunctions, data: TokenizedSet, site: str, cfg: ClosedFormC
     k = C if D * C <= cfg.max_dim else max(1, cfg.max_dim // D)
     if k < C:
         proj = np.asarray(jax.random.normal(key, (C, k), jnp.float32), np.float64) / np.sqrt(k)
-        # A diagonal whitening is applied row-wise without forming a C x C matrix.
-        t_out = (np.diag(t_out)[:, None] * proj) if (site == "logits" and not full) \
-            else t_out @ proj
+        if not diagonal:
+            # The symmetric root (S + lambda)^-1/2 = Q_S D^1/2 Q_S^T before projecting: Q_S D^1/2
+            # alone is defined only up to a rotation within near-equal eigenvalues, so the
+            # slightest change of S (float rounding, bfloat16, other devices) would rotate it
+            # and project by what is in effect another random matrix.
+            t_out = t_out @ q_s.T
+        # The diagonal whitening is applied row-wise.
+        t_out = scale[:, None] * proj if diagonal else t_out @ proj
+    elif diagonal:
+        t_out = np.diag(scale)
     return OperatorFactors(t_phi.astype(np.float32), np.asarray(t_out, np.float32),
                            eig_a, np.asarray(eig_s), n_tok, site)
 
@@ -305,17 +370,26 @@ def fit_factors(lm: LMFunctions, data: TokenizedSet, site: str, cfg: ClosedFormC
 # Whitened operator gradients and scores
 # ----------------------------------------------------------------------------------------------
 
-def _grad_fn(lm: LMFunctions, site: str, per_token: bool = False):
-    return _kernel("grads", lm, site, per_token,
-                   build=lambda: _build_grad_fn(lm, site, per_token))
+def _project(e: jax.Array, t_out: jax.Array, dtype: str) -> jax.Array:
+    """``e @ t_out`` (``[b, T, C] x [C, k]``), in bfloat16 with float32 accumulation when asked:
+    the largest matmul after the forward pass at a wide site."""
+    if dtype == "bfloat16":
+        return jnp.einsum("btc,ck->btk", e.astype(jnp.bfloat16), t_out.astype(jnp.bfloat16),
+                          preferred_element_type=jnp.float32)
+    return e @ t_out
 
 
-def _build_grad_fn(lm: LMFunctions, site: str, per_token: bool):
+def _grad_fn(lm: LMFunctions, site: str, per_token: bool = False, dtype: str = "model"):
+    return _kernel("grads", lm, site, per_token, dtype,
+                   build=lambda: _build_grad_fn(lm, site, per_token, dtype))
+
+
+def _build_grad_fn(lm: LMFunctions, site: str, per_token: bool, dtype: str):
     @jax.jit
     def grads(params, t_phi, t_out, ids, mask, targets, loss_mask):
-        phi, e, _, _ = _terms(lm, site, params, ids, mask, targets, loss_mask)
+        phi, e, _, _, _ = _terms(lm, site, params, ids, mask, targets, loss_mask, dtype)
         phi_w = phi @ t_phi                                  # [b, T, D]
-        e_w = e @ t_out                                      # [b, T, k]
+        e_w = _project(e, t_out, dtype)                      # [b, T, k]
         if per_token:
             return phi_w, e_w
         g = jnp.einsum("btd,btk->bdk", phi_w, e_w)
@@ -324,53 +398,90 @@ def _build_grad_fn(lm: LMFunctions, site: str, per_token: bool):
     return grads
 
 
+def _rows_fn(lm: LMFunctions, site: str, dtype: str = "model"):
+    return _kernel("rows", lm, site, dtype, build=lambda: _build_rows_fn(lm, site, dtype))
+
+
+def _build_rows_fn(lm: LMFunctions, site: str, dtype: str):
+    """Jitted, one program for the query pass and the score pass (same shapes, one compile):
+    a batch's whitened gradients ``g [b, D k]``, their scores against the queries'
+    ``s = g_q g^T [Q, b]`` and the rows' mean token losses ``[b]``."""
+
+    @jax.jit
+    def rows(params, t_phi, t_out, g_q, ids, mask, targets, loss_mask):
+        phi, e, _, _, loss = _terms(lm, site, params, ids, mask, targets, loss_mask, dtype)
+        phi_w = phi @ t_phi
+        e_w = _project(e, t_out, dtype)
+        g = jnp.einsum("btd,btk->bdk", phi_w, e_w).reshape(phi.shape[0], -1)
+        return g, g_q @ g.T, loss
+
+    return rows
+
+
+# The device copies of the last factors' transforms: a pass (or a token report calling once per
+# query) reuses them instead of copying [C, k] floats to the device again.
+_TRANSFORMS: list = []
+
+
+def _device_transforms(factors: OperatorFactors) -> tuple[jax.Array, jax.Array]:
+    for t_phi, t_out, dev in _TRANSFORMS:
+        if t_phi is factors.t_phi and t_out is factors.t_out:
+            return dev
+    dev = (jnp.asarray(factors.t_phi), jnp.asarray(factors.t_out))
+    _TRANSFORMS[:] = [(factors.t_phi, factors.t_out, dev)] + _TRANSFORMS[:1]
+    return dev
+
+
+def _placed(x: jax.Array, mesh) -> jax.Array:
+    return x if mesh is None else mesh.replicate(x)
+
+
+def _gradient_pass(lm: LMFunctions, rows: TokenizedSet, factors: OperatorFactors,
+                   cfg: ClosedFormConfig, *, num_queries: int, mesh=None, progress: bool = False,
+                   desc: str = "query gradients") -> tuple[np.ndarray, np.ndarray]:
+    """``[rows, D k]`` whitened gradients and ``[rows]`` mean losses, by the score pass's own
+    program (zero queries of the score pass's shape: ``num_queries``)."""
+    fn = _rows_fn(lm, factors.site, compute_dtype(cfg))
+    t_phi, t_out = _device_transforms(factors)
+    g0 = _placed(jnp.zeros((num_queries, factors.dim), jnp.float32), mesh)
+    out = {"g": np.empty((len(rows), factors.dim), np.float32),
+           "loss": np.empty(len(rows), np.float32)}
+    pending: list = []
+
+    def flush(acc):
+        for (lo, hi), (g, loss) in zip([p[0] for p in pending],
+                                       jax.device_get([p[1] for p in pending])):
+            acc["g"][lo:hi] = g[: hi - lo]
+            acc["loss"][lo:hi] = loss[: hi - lo]
+        pending.clear()
+        return acc
+
+    def step(acc, batch, lo, hi):
+        g, _, loss = fn(lm.params, t_phi, t_out, g0, *batch)
+        pending.append(((lo, hi), (g, loss)))
+        # Gradients are large ([b, D k]): a few batches in flight, not the whole pass.
+        return flush(acc) if len(pending) >= 4 else acc
+
+    acc = row_pass(rows, cfg, step, out, mesh=mesh, progress=progress, desc=desc,
+                   with_range=True, flush=flush)
+    return acc["g"], acc["loss"]
+
+
+def query_terms(lm: LMFunctions, queries: TokenizedSet, factors: OperatorFactors,
+                cfg: ClosedFormConfig, *, mesh=None, progress: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The queries' whitened operator gradients ``[Q, D k]`` and base losses ``[Q]`` (nats per
+    token) in one pass, compiled once with the score pass that follows."""
+    return _gradient_pass(lm, queries, factors, cfg, num_queries=len(queries), mesh=mesh,
+                          progress=progress)
+
+
 def operator_gradients(lm: LMFunctions, rows: TokenizedSet, factors: OperatorFactors,
                        cfg: ClosedFormConfig, *, mesh=None, progress: bool = False
                        ) -> np.ndarray:
     """``[rows, D k]`` whitened operator gradients ``g~ = P^{1/2} g`` (float32)."""
-    grads = _grad_fn(lm, factors.site)
-    t_phi, t_out = jnp.asarray(factors.t_phi), jnp.asarray(factors.t_out)
-    out = np.empty((len(rows), factors.dim), np.float32)
-
-    def step(acc, batch, lo, hi):
-        acc[lo:hi] = np.asarray(grads(lm.params, t_phi, t_out, *batch))[: hi - lo]
-        return acc
-
-    return row_pass(rows, cfg, step, out, mesh=mesh, progress=progress, desc="query gradients",
-                    with_range=True)
-
-
-def closed_form_scores(lm: LMFunctions, train: TokenizedSet, factors: OperatorFactors,
-                       gq: np.ndarray, cfg: ClosedFormConfig, *, mesh=None,
-                       progress: bool = False, resume_path: str | Path | None = None,
-                       acc: dict | None = None, update: Callable | None = None) -> dict:
-    """Scores ``<g~_q, g~_i>`` of every query against every training row, the rows streamed in
-    chunks (never more than one chunk's gradients in memory).
-
-    By default returns ``{"s": [Q, n]}``. A caller that keeps less (e.g. each query's top
-    scores) passes its own ``acc`` (a dict of arrays, saved for resuming) and
-    ``update(acc, lo, hi, s_chunk [Q, hi - lo]) -> acc``.
-    """
-    grads = _grad_fn(lm, factors.site)
-    t_phi, t_out = jnp.asarray(factors.t_phi), jnp.asarray(factors.t_out)
-    gq_d = jnp.asarray(gq, jnp.float32)
-    score = _SCORE
-    if acc is None:
-        acc = {"s": np.zeros((gq.shape[0], len(train)), np.float32)}
-
-        def update(acc, lo, hi, s_chunk):
-            acc["s"][:, lo:hi] = s_chunk
-            return acc
-
-    def step(acc, batch, lo, hi):
-        g = grads(lm.params, t_phi, t_out, *batch)
-        return update(acc, lo, hi, np.asarray(score(gq_d, g))[:, : hi - lo])
-
-    return row_pass(train, cfg, step, acc, mesh=mesh, progress=progress, desc="scores",
-                    with_range=True, resume_path=resume_path)
-
-
-_SCORE = jax.jit(lambda q, g: q @ g.T)
+    return _gradient_pass(lm, rows, factors, cfg, num_queries=1, mesh=mesh,
+                          progress=progress)[0]
 
 
 def query_losses(lm: LMFunctions, rows: TokenizedSet, cfg: ClosedFormConfig) -> np.ndarray:
@@ -378,14 +489,11 @@ def query_losses(lm: LMFunctions, rows: TokenizedSet, cfg: ClosedFormConfig) -> 
     def build():
         @jax.jit
         def loss(params, ids, mask, targets, loss_mask):
-            _, h_final = lm.features(params, ids, mask)
-            logp = jax.nn.log_softmax(lm.head(params, h_final).astype(jnp.float32), axis=-1)
-            nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            return jnp.sum(nll * loss_mask, -1) / jnp.maximum(loss_mask.sum(-1), 1.0)
+            return _terms(lm, "logits", params, ids, mask, targets, loss_mask,
+                          compute_dtype(cfg))[-1]
         return loss
 
-    loss = _kernel("loss", lm, "", build=build)
-
+    loss = _kernel("loss", lm, "", compute_dtype(cfg), build=build)
     out = np.empty(len(rows), np.float32)
 
     def step(acc, batch, lo, hi):
@@ -395,13 +503,138 @@ def query_losses(lm: LMFunctions, rows: TokenizedSet, cfg: ClosedFormConfig) -> 
     return row_pass(rows, cfg, step, out, with_range=True)
 
 
+def closed_form_scores(lm: LMFunctions, train: TokenizedSet, factors: OperatorFactors,
+                       gq: np.ndarray, cfg: ClosedFormConfig, *, mesh=None,
+                       progress: bool = False, resume_path: str | Path | None = None,
+                       acc: dict | None = None, update: Callable | None = None,
+                       topk: int | None = None) -> dict:
+    """Scores ``<g~_q, g~_i>`` of every query against every training row, the rows streamed in
+    batches (never more than a few batches' gradients in memory).
+
+    By default returns ``{"s": [Q, n]}``. ``topk``: instead each query's ``topk`` largest
+    positive and most negative scores, kept and merged on the device (the arrays of
+    :class:`~stride_jax.attributor.TopScores`: ``pro_index``, ``pro_score``, ``opp_index``,
+    ``opp_score``, best first, index -1 and score 0 where a query has fewer). A caller that
+    keeps something else passes its own ``acc`` (a dict of arrays, saved for resuming) and
+    ``update(acc, lo, hi, s_chunk [Q, hi - lo]) -> acc`` (on the host: one round trip per
+    batch).
+
+    Nothing waits for the device between batches: scores stay there until a progress mark
+    (``cfg.checkpoint_rows``), a few dozen batches, or the end.
+    """
+    fn = _rows_fn(lm, factors.site, compute_dtype(cfg))
+    t_phi, t_out = _device_transforms(factors)
+    Q = gq.shape[0]
+    gq_d = _placed(jnp.asarray(gq, jnp.float32), mesh)
+    pending: list = []
+
+    if update is not None:
+        def step(acc, batch, lo, hi):
+            s = fn(lm.params, t_phi, t_out, gq_d, *batch)[1]
+            return update(acc, lo, hi, np.asarray(s)[:, : hi - lo])
+        flush = None
+    elif topk is not None:
+        if acc is None:
+            acc = _empty_top(Q, topk)
+        state: dict = {"dev": None}
+
+        def step(acc, batch, lo, hi):
+            if state["dev"] is None:    # the kept scores so far (a resumed pass: from its mark)
+                state["dev"] = {k_: jnp.asarray(v, jnp.int32 if "index" in k_ else jnp.float32)
+                                for k_, v in acc.items()}
+            s = fn(lm.params, t_phi, t_out, gq_d, *batch)[1]
+            state["dev"] = _merge_top_device(state["dev"], s, jnp.int32(lo), jnp.int32(hi))
+            return acc
+
+        def flush(acc):
+            if state["dev"] is None:
+                return acc
+            host = jax.device_get(state["dev"])
+            return {k_: np.asarray(v, np.int64 if "index" in k_ else np.float32)
+                    for k_, v in host.items()}
+    else:
+        if acc is None:
+            acc = {"s": np.zeros((Q, len(train)), np.float32)}
+
+        def flush(acc):
+            for (lo, hi), s in zip([p[0] for p in pending],
+                                   jax.device_get([p[1] for p in pending])):
+                acc["s"][:, lo:hi] = s[:, : hi - lo]
+            pending.clear()
+            return acc
+
+        def step(acc, batch, lo, hi):
+            pending.append(((lo, hi), fn(lm.params, t_phi, t_out, gq_d, *batch)[1]))
+            return flush(acc) if len(pending) >= _FOLD_BATCHES else acc
+
+    return row_pass(train, cfg, step, acc, mesh=mesh, progress=progress, desc="scores",
+                    with_range=True, resume_path=resume_path, flush=flush)
+
+
+def _empty_top(num_queries: int, k: int) -> dict:
+    return {"pro_index": np.full((num_queries, k), -1, np.int64),
+            "pro_score": np.zeros((num_queries, k), np.float32),
+            "opp_index": np.full((num_queries, k), -1, np.int64),
+            "opp_score": np.zeros((num_queries, k), np.float32)}
+
+
+@jax.jit
+def _merge_top_device(acc: dict, s_qb: jax.Array, lo: jax.Array, hi: jax.Array) -> dict:
+    """Fold the scores of training rows ``lo .. lo + b`` (those below ``hi`` are real) into each
+    query's kept top scores, in the order of ``TopScores.from_dense``: by score, ties by the
+    lower index; proponents strictly positive, opponents strictly negative."""
+    Q, b = s_qb.shape
+    idx = jnp.broadcast_to(lo + jnp.arange(b, dtype=jnp.int32), (Q, b))
+    real = idx < hi
+    out = {}
+    for side, sign in (("pro", 1.0), ("opp", -1.0)):
+        kept_i, kept_s = acc[f"{side}_index"], acc[f"{side}_score"]
+        k = kept_i.shape[1]
+        cand_i = jnp.concatenate([kept_i, idx], axis=1)
+        cand_s = jnp.concatenate([kept_s, s_qb.astype(jnp.float32)], axis=1)
+        ok = jnp.concatenate([kept_i >= 0, real], axis=1) & (sign * cand_s > 0)
+        neg_key = jnp.where(ok, -sign * cand_s, jnp.inf)
+        tie = jnp.where(ok, cand_i, jnp.iinfo(jnp.int32).max)
+        _, take_i, take_s, take_ok = jax.lax.sort((neg_key, tie, cand_s, ok), dimension=1,
+                                                  num_keys=2)
+        out[f"{side}_index"] = jnp.where(take_ok[:, :k], take_i[:, :k], -1)
+        out[f"{side}_score"] = jnp.where(take_ok[:, :k], take_s[:, :k], 0.0)
+    return out
+
+
+def self_scores(lm: LMFunctions, rows: TokenizedSet, factors: OperatorFactors,
+                cfg: ClosedFormConfig, *, mesh=None, progress: bool = False) -> np.ndarray:
+    """``[rows]`` each row's ``|g~_i|^2`` (its closed-form self-influence), streamed: never the
+    ``[rows, D k]`` gradients at once."""
+    def build():
+        rows_fn = _rows_fn(lm, factors.site, compute_dtype(cfg))
+
+        @jax.jit
+        def norms(params, t_phi, t_out, g0, *batch):
+            g = rows_fn(params, t_phi, t_out, g0, *batch)[0]
+            return jnp.einsum("bd,bd->b", g, g)
+        return norms
+
+    fn = _kernel("norms", lm, factors.site, compute_dtype(cfg), build=build)
+    t_phi, t_out = _device_transforms(factors)
+    g0 = _placed(jnp.zeros((1, factors.dim), jnp.float32), mesh)
+    out = np.empty(len(rows), np.float32)
+
+    def step(acc, batch, lo, hi):
+        acc[lo:hi] = np.asarray(fn(lm.params, t_phi, t_out, g0, *batch))[: hi - lo]
+        return acc
+
+    return row_pass(rows, cfg, step, out, mesh=mesh, progress=progress, desc="self-influence",
+                    with_range=True)
+
+
 def token_scores(lm: LMFunctions, queries: TokenizedSet, factors: OperatorFactors,
-                 g_train: np.ndarray) -> np.ndarray:
+                 g_train: np.ndarray, cfg: ClosedFormConfig | None = None) -> np.ndarray:
     """``[Q, T, m]`` per-token shares of the scores of ``m`` training rows (their whitened
     gradients ``g_train [m, D k]``): ``scores[q, i] = sum_t out[q, t, i]`` exactly, the term of
     each scored query token in ``<g~_q, g~_i>``."""
-    fn = _grad_fn(lm, factors.site, per_token=True)
-    t_phi, t_out = jnp.asarray(factors.t_phi), jnp.asarray(factors.t_out)
+    fn = _grad_fn(lm, factors.site, True, compute_dtype(cfg or ClosedFormConfig()))
+    t_phi, t_out = _device_transforms(factors)
     D, k = factors.t_phi.shape[1], factors.t_out.shape[1]
     g = jnp.asarray(g_train, jnp.float32).reshape(-1, D, k)
     phi_w, e_w = fn(lm.params, t_phi, t_out, *_batch_arrays(queries, np.arange(len(queries))))
@@ -413,23 +646,28 @@ def token_scores(lm: LMFunctions, queries: TokenizedSet, factors: OperatorFactor
 # ----------------------------------------------------------------------------------------------
 
 def _batch_arrays(rows: TokenizedSet, idx: np.ndarray, weight: np.ndarray | None = None):
+    """One batch's host arrays: input ids, attention mask, targets and the (weighted) loss
+    mask. Only the batch's rows are read (a memory-mapped set is never read whole)."""
+    ids = np.asarray(rows.input_ids[idx])
     loss_mask = rows.loss_mask[idx].astype(np.float32)
     if weight is not None:
         loss_mask = loss_mask * weight[:, None]
-    return (jnp.asarray(rows.input_ids[idx]), jnp.asarray(rows.attention_mask[idx]),
-            jnp.asarray(rows.target_ids()[idx]) if rows.targets is not None
-            else jnp.asarray(np.concatenate([rows.input_ids[idx][:, 1:],
-                                             rows.input_ids[idx][:, :1]], axis=1)),
-            jnp.asarray(loss_mask))
+    targets = (np.asarray(rows.targets[idx]) if rows.targets is not None
+               else np.concatenate([ids[:, 1:], ids[:, :1]], axis=1))
+    return ids, np.asarray(rows.attention_mask[idx]), targets, loss_mask
 
 
 def row_pass(rows: TokenizedSet, cfg: ClosedFormConfig, step: Callable, acc: Any, *, mesh=None,
              progress: bool = False, desc: str = "rows", with_range: bool = False,
-             resume_path: str | Path | None = None) -> Any:
+             resume_path: str | Path | None = None, flush: Callable | None = None) -> Any:
     """Apply ``step`` to fixed-size batches of ``rows`` (the last padded by repeating rows with
     zero weight, so every batch compiles once), accumulating into ``acc`` (a dict of arrays or an
     array). With a ``mesh`` each batch is split over its devices. ``resume_path``: ``acc`` and
-    the rows done are saved there every ``cfg.checkpoint_rows`` rows and resumed from."""
+    the rows done are saved there every ``cfg.checkpoint_rows`` rows and resumed from.
+
+    ``flush(acc) -> acc``: a step may keep its results on the device (so no batch waits for the
+    host); ``flush`` brings them into ``acc`` and is called before every save and at the end.
+    Each batch goes to the device(s) in one transfer."""
     from stride_jax.io.atomic import atomic_path
     n = len(rows)
     B = cfg.batch_size
@@ -452,11 +690,12 @@ def row_pass(rows: TokenizedSet, cfg: ClosedFormConfig, step: Callable, acc: Any
         idx = np.arange(lo, lo + B) % n
         weight = (np.arange(lo, lo + B) < n).astype(np.float32)
         batch = _batch_arrays(rows, idx, weight)
-        if mesh is not None:
-            batch = mesh.shard(batch)
+        batch = jax.device_put(batch) if mesh is None else mesh.shard(batch)
         acc = step(acc, batch, lo, hi) if with_range else step(acc, batch)
         since += hi - lo
         if resume_path is not None and (since >= cfg.checkpoint_rows) and hi < n:
+            if flush is not None:
+                acc = flush(acc)
             with atomic_path(resume_path) as tmp:
                 with open(tmp, "wb") as f:
                     if isinstance(acc, dict):
@@ -466,6 +705,8 @@ def row_pass(rows: TokenizedSet, cfg: ClosedFormConfig, step: Callable, acc: Any
             since = 0
         if bar is not None:
             bar.update(hi - lo)
+    if flush is not None:
+        acc = flush(acc)
     if bar is not None:
         bar.close()
     return acc
