@@ -47,6 +47,7 @@ from stride_jax.data import TokenizedSet
 from stride_jax.io.atomic import atomic_write_text, save_npy
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
 from stride_jax.measure import MeasureConfig, Responses, measure_responses
+from stride_jax.methods import MethodsConfig
 from stride_jax.model.transformer import CausalLM
 from stride_jax.parallel import (ParallelConfig, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
@@ -126,6 +127,11 @@ class AttributeConfig:
     token_queries: int = option(16, "queries (the first ones) whose per-token attribution of "
                                     "their listed examples is written to tokens.json (CLI; 0: "
                                     "none)")
+    method: str = option("stride", "attribution method (CLI: --method): stride, ekfac, kfac, "
+                                   "trak, logra, tracin, graddot, if, bm25, repsim, or a mixture "
+                                   "mix:stride=0.25,ekfac=0.75 (mix: the default mixture); see "
+                                   "stride_jax.methods")
+    methods: MethodsConfig = option(MethodsConfig(), "settings of the methods other than STRIDE")
 
 
 def rows_fingerprint(rows: TokenizedSet) -> str:
@@ -205,15 +211,16 @@ class TopScores(NamedTuple):
 
 class Attribution(NamedTuple):
     """Scores and what produced them: the dense matrix ``scores_qn``, or with
-    ``scores=topk`` only each query's top scores (``top_scores``; ``scores_qn`` is None)."""
+    ``scores=topk`` only each query's top scores (``top_scores``; ``scores_qn`` is None).
+    The STRIDE-specific fields (responses, penalty, intercept) are None for other methods."""
 
     scores_qn: np.ndarray | None  # [Q, n] float32; positive = the example lowers the query's loss
     query_ids: list[str]
     train_ids: list[str]
-    y_qk: np.ndarray             # [Q, K] responses
+    y_qk: np.ndarray | None      # [Q, K] responses (STRIDE)
     base_loss_q: np.ndarray      # [Q]
-    lam_q: np.ndarray            # [Q] Lasso penalty used per query
-    intercept_q: np.ndarray      # [Q]
+    lam_q: np.ndarray | None     # [Q] Lasso penalty used per query (STRIDE)
+    intercept_q: np.ndarray | None  # [Q] (STRIDE)
     top_scores: TopScores | None = None
 
     def top(self, q: int, k: int = 10) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -256,10 +263,11 @@ class Attribution(NamedTuple):
                     e["text"] = train_texts[i]
                 return e
 
-            rec: dict[str, Any] = {"query_id": qid, "base_loss": float(self.base_loss_q[q]),
-                                   "lambda": float(self.lam_q[q]),
-                                   "proponents": [entry(i, s) for i, s in pro],
-                                   "opponents": [entry(i, s) for i, s in opp]}
+            rec: dict[str, Any] = {"query_id": qid, "base_loss": float(self.base_loss_q[q])}
+            if self.lam_q is not None:
+                rec["lambda"] = float(self.lam_q[q])
+            rec.update(proponents=[entry(i, s) for i, s in pro],
+                       opponents=[entry(i, s) for i, s in opp])
             if query_texts is not None:
                 rec["query_text"] = query_texts[q]
             lines.append(json.dumps(rec, ensure_ascii=False))

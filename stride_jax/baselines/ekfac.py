@@ -247,6 +247,18 @@ def precondition_scale(factors: Factors, strategy: Strategy, *, damping: float |
 # ---------------------------------------------------------------------------------------------
 # One pass: forward + backward with probes, per chunk
 # ---------------------------------------------------------------------------------------------
+def _sample_labels(key: jax.Array, rows: jax.Array, logp_btv: jax.Array) -> jax.Array:
+    """One label per position drawn from ``softmax(logits)`` by inverting the CDF with one
+    uniform per position, from ``fold_in(key, row)`` (independent of the chunking). One uniform
+    per position instead of the ``V`` Gumbel draws of ``jax.random.categorical``: on a CPU the
+    random bits, not the model, would otherwise dominate the pass."""
+    u_bt = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r),
+                                                 logp_btv.shape[1:2]))(rows)
+    cdf = jnp.cumsum(jnp.exp(logp_btv), axis=-1)
+    below = (cdf < u_bt[..., None] * cdf[..., -1:]).sum(-1)   # scaled: the CDF may end at 1 - eps
+    return jnp.minimum(below, logp_btv.shape[-1] - 1).astype(jnp.int32)
+
+
 class _Pass:
     """Jitted chunk functions over the covered layers of one model (built once per fit)."""
 
@@ -276,8 +288,7 @@ class _Pass:
                                  f"[batch, positions, classes]")
             logp = jax.nn.log_softmax(logits, axis=-1)
             if labels == "sample":   # true Fisher: labels drawn from the model itself
-                keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
-                targets = jax.vmap(jax.random.categorical)(keys, jax.lax.stop_gradient(logits))
+                targets = _sample_labels(key, rows, jax.lax.stop_gradient(logp))
             else:
                 targets = batch["targets"]
             nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), -1)[..., 0]

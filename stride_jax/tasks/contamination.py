@@ -23,7 +23,7 @@ import numpy as np
 
 from stride_jax.attributor import AttributeConfig
 from stride_jax.config import option, to_dict
-from stride_jax.eval.suite import BaselineConfig
+from stride_jax.methods import MethodsConfig
 from stride_jax.tasks._base import Task
 from stride_jax.tasks.lm import PretrainTaskConfig, _first_queries, _make_task, _pretrain_parts
 
@@ -55,7 +55,7 @@ class ContaminationConfig:
 
     task: ContaminationTaskConfig = option(ContaminationTaskConfig(), "the contaminated task")
     stride: AttributeConfig = option(AttributeConfig(), "STRIDE's configuration (as for task (a))")
-    baselines: BaselineConfig = option(BaselineConfig(), "the baselines' settings")
+    baselines: MethodsConfig = option(MethodsConfig(), "the baselines' settings")
     methods: tuple[str, ...] = option(DEFAULT_METHODS, "methods scored (CLI: --methods)")
     combine: tuple[str, ...] = option(("rank", "zscore"), "how STRIDE is combined with each "
                                                           "other method: rank, zscore, rrf")
@@ -132,11 +132,11 @@ def run_audit(cfg: ContaminationConfig = ContaminationConfig(),
     """
     from stride_jax.apps.contamination import audit_scores, combine, format_table
     from stride_jax.apps.contamination import average_precision, roc_auc
-    from stride_jax.eval.suite import METHODS, run_method
+    from stride_jax.eval.suite import run_method
+    from stride_jax.methods import parse_method
     methods = tuple(methods if methods is not None else cfg.methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    for m in methods:
+        parse_method(m)     # a one-line error naming an unknown method
     if cfg.k < 1:
         raise ValueError(f"k={cfg.k} must be >= 1")
     work = Path(workdir) if workdir is not None else None
