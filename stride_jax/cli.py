@@ -236,7 +236,10 @@ def cmd_attribute(args) -> int:
     from stride_jax.parallel.memory import parse_bytes
     from stride_jax.tokenizer import as_backend, check_vocab_matches, load_tokenizer, vocab_size_of
 
+    if args.method is not None:
+        args.overrides = [*args.overrides, f"method={args.method}"]
     cfg = _load(AttributeConfig, args)
+    spec = _check_method(cfg, args)
     _join_processes(cfg.parallel, args)
     model = from_hf(args.model, strict=not args.no_strict_config)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -282,12 +285,43 @@ def cmd_attribute(args) -> int:
     query_rows = tokenize_documents(
         read_documents(args.queries), tokenizer, seq_len, mode="document",
         too_long_fix=f"shorten that query in {args.queries} (queries are never cut){longer}")
+    if spec.name != "stride":     # every other method and mixtures: stride_jax.methods
+        return _attribute_method(cfg, spec, model, tokenizer, train_rows, query_rows, args)
     cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
     result, train_texts, query_texts = _attribute_and_write(
         model, tokenizer, train_rows, query_rows, cfg, args.out, overwrite=args.overwrite,
         progress=not args.quiet, self_influence=args.self_influence)
     print_attribution(result, train_texts, query_texts)
     print(f"\nscores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written to {args.out}")
+    return 0
+
+
+def _check_method(cfg, args):
+    """The parsed ``--method`` (checked before any work) and the options only STRIDE has."""
+    from stride_jax.methods import parse_method
+    spec = parse_method(cfg.method)
+    if spec.name != "stride" and args.self_influence:
+        raise ValueError(f"--self-influence uses STRIDE's operators; drop it or use --method "
+                         f"stride (method is {spec.text})")
+    return spec
+
+
+def _attribute_method(cfg, spec, model, tokenizer, train_rows, query_rows, args) -> int:
+    """``attribute --method M`` for M other than stride: the registry's stages, same outputs."""
+    from stride_jax import methods
+    if "stride" in spec.methods:
+        cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
+    plan = methods.plan_memory(cfg, model, n=len(train_rows), num_queries=len(query_rows),
+                               seq_len=train_rows.seq_len, budget=args.memory_budget)
+    print(f"estimated peak memory of {spec.text} (stride_jax.methods.plan_memory):")
+    print(plan.format())
+    result = methods.attribute(model, train_rows, query_rows, plan.config, workdir=args.out,
+                               overwrite=args.overwrite, progress=not args.quiet)
+    train_texts, query_texts = row_texts(train_rows, tokenizer), row_texts(query_rows, tokenizer)
+    result.write(args.out, train_texts=train_texts, query_texts=query_texts, k=cfg.topk)
+    print_attribution(result, train_texts, query_texts)
+    print(f"\n{spec.text} scores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written "
+          f"to {args.out}")
     return 0
 
 
@@ -328,10 +362,13 @@ def cmd_score(args) -> int:
     from stride_jax.eval.suite import TaskConfig, build_task, run_method
     from stride_jax.io.atomic import atomic_write_text, save_npy
 
+    from stride_jax.methods import parse_method
     cfg = _load(TaskConfig, args)
+    parse_method(args.method)      # an unknown method fails before the task is built
     task = build_task(cfg)
-    res = run_method(args.method, task, cfg, workdir=args.out / "stride" if args.method == "stride"
-                     else None, progress=not args.quiet)
+    # Stamped stages (STRIDE's, EK-FAC's factors, each method's scores): a rerun reuses them.
+    stages = args.out / ("stride" if args.method == "stride" else "stages")
+    res = run_method(args.method, task, cfg, workdir=stages, progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     save_npy(args.out / "scores.npy", res.scores_qn)
     _write_ids(args.out / "ids.json", task)
@@ -520,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-influence", action="store_true",
                    help="also score every training row's memorisation (selfinf.json; costs "
                         "about 2d/K of measuring every row as a query)")
+    p.add_argument("--method", default=None, metavar="M",
+                   help="stride (default), ekfac, kfac, trak, logra, tracin, graddot, if, bm25, "
+                        "repsim, or a mixture of per-query z-scores such as "
+                        "mix:stride=0.25,ekfac=0.75 (mix: the default mixture); settings in the "
+                        "config's methods.* keys (stride_jax.methods)")
     _add_config_args(p)
     p.set_defaults(func=cmd_attribute)
 
@@ -533,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="scores of one method (stride or a baseline) on a task")
     p.add_argument("--method", required=True,
-                   help="stride, influence, trak, logra, tracin, graddot, repsim or bm25")
+                   help="stride, ekfac, kfac, influence (if), trak, logra, tracin, graddot, "
+                        "repsim, bm25, or a mixture mix:stride=0.25,ekfac=0.75 (mix: the default)")
     p.add_argument("--out", type=Path, required=True, help="output directory (scores.npy)")
     _add_config_args(p)
     p.set_defaults(func=cmd_score)

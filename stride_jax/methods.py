@@ -243,8 +243,15 @@ def subject_from_model(model: Any, train: Any, queries: Any, *,
     from stride_jax.steering._adapter import params_fingerprint
     from stride_jax.tasks._base import Task
     params, loss = causal_lm_loss(model)
-    ckpts = [params] + [causal_lm_loss(c)[0] for c in checkpoints]
-    lrs = [1.0] + list(learning_rates) if checkpoints else [1.0]
+    ckpts, lrs = [params], [1.0]
+    if checkpoints:
+        ckpts = [causal_lm_loss(c)[0] for c in checkpoints]
+        lrs = list(learning_rates) or [1.0] * len(ckpts)
+        want = jax.tree.map(np.shape, params)
+        for j, c in enumerate(ckpts):
+            if jax.tree.map(np.shape, c) != want:
+                raise ValueError(f"tracin checkpoint {j} has other parameter shapes than the "
+                                 f"attributed model; list checkpoints of this model")
 
     def docs(rows):
         return [np.asarray(r)[np.asarray(a) > 0] for r, a in zip(rows.input_ids,
@@ -542,3 +549,164 @@ def _ekfac(name: str, subject: Any, e: EkfacConfig, *, key: jax.Array, seed: int
     info = {"layers": len(factors.layers), "covered_params": covered, "fit_seconds": fit_s,
             "query_chunk": qc}
     return (out, info, None) if dense else (None, info, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attribute command
+# ---------------------------------------------------------------------------------------------
+def attribute(model: Any, train: Any, queries: Any, cfg: Any, *, workdir: str | Path | None = None,
+              overwrite: bool = False, progress: bool = False):
+    """``cfg.method`` on a stride-jax ``CausalLM`` and tokenized rows, as an
+    :class:`~stride_jax.attributor.Attribution` (dense scores, or each query's top ``cfg.topk``
+    when ``cfg.scores`` says so; mixtures need dense scores). With a ``workdir`` every stage is
+    stamped there and reused by a rerun, and the config is written to ``attribute.yaml``."""
+    from stride_jax.attributor import Attribution
+    from stride_jax.config import dump_config
+    from stride_jax.parallel.memory import scores_dense
+    spec = parse_method(cfg.method)
+    # Recorded resolved (a default mixture's weights too), so attribute.yaml says what ran.
+    cfg = dataclasses.replace(cfg, method=spec.text)
+    ckpts, lrs = (), ()
+    if "tracin" in spec.methods and cfg.methods.tracin.checkpoints:
+        ckpts, lrs = _tracin_checkpoints(cfg.methods.tracin)
+    elif cfg.methods.tracin.learning_rates:
+        raise ValueError("methods.tracin.learning_rates needs methods.tracin.checkpoints (one "
+                         "learning rate per checkpoint)")
+    subject = subject_from_model(model, train, queries, checkpoints=ckpts, learning_rates=lrs)
+    dense = scores_dense(cfg, num_queries=len(queries), n=len(train))
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(workdir) / "attribute.yaml")
+    res = run_method(cfg.method, subject, cfg, workdir=workdir, overwrite=overwrite,
+                     progress=progress, dense=dense)
+    log.info("%s: %.1f s", spec.text, res.seconds)
+    return Attribution(res.scores_qn, list(queries.ids), list(train.ids), None,
+                       subject.base_query_losses, None, None, res.top)
+
+
+def _tracin_checkpoints(t: TracinConfig) -> tuple[tuple[Any, ...], tuple[float, ...]]:
+    from stride_jax.model.hf import from_hf
+    if t.learning_rates and len(t.learning_rates) != len(t.checkpoints):
+        raise ValueError(f"methods.tracin has {len(t.checkpoints)} checkpoints but "
+                         f"{len(t.learning_rates)} learning_rates; give one per checkpoint (or "
+                         f"none: 1 each)")
+    lrs = tuple(t.learning_rates) or (1.0,) * len(t.checkpoints)
+    return tuple(from_hf(p) for p in t.checkpoints), lrs
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory (--memory-budget)
+# ---------------------------------------------------------------------------------------------
+# Calibration of the forward/backward activations per token: a few copies of each block's
+# widths (attention, MLP) plus the logits; the gradient methods add a [chunk, P] gradient.
+_ACT_COPIES = 6
+
+
+def plan_memory(cfg: Any, model: Any, *, n: int, num_queries: int, seq_len: int,
+                budget: int | str | None = None):
+    """Estimated peak memory of each non-STRIDE component of ``cfg.method`` (host and device are
+    one memory on a CPU; on an accelerator read them as per device), as a
+    :class:`~stride_jax.parallel.memory.MemoryPlan`. With a ``budget`` the result-neutral chunk
+    sizes (``methods.ekfac.query_chunk``, then ``methods.ekfac.batch_size``, and
+    ``methods.chunk``) are halved until every stage fits, or a
+    :class:`~stride_jax.parallel.memory.MemoryBudgetError` names the stage and what to change.
+    STRIDE's own stages are planned by :func:`stride_jax.parallel.memory.plan_memory`."""
+    from stride_jax.parallel.memory import (MemoryBudgetError, MemoryPlan, StageMemory,
+                                            format_bytes, parse_bytes, scores_dense)
+    spec = parse_method(cfg.method)
+    c = model.config
+    p_all = int(c.num_params())
+    d, f, L, V, T = c.hidden_size, c.intermediate_size, c.num_layers, c.vocab_size, seq_len
+    width = L * (4 * d + 3 * f) + V
+    b_limit = parse_bytes(budget) if budget is not None else None
+    dense = scores_dense(cfg, num_queries=num_queries, n=n)
+    scores_b = 4 * num_queries * n if dense else 4 * num_queries * 2 * cfg.topk * 3
+    covered = _covered_params(model, cfg.methods.ekfac.layers)
+
+    def stages(cfg):
+        m, e = cfg.methods, cfg.methods.ekfac
+        out = []
+        for name in spec.methods:
+            if name == "stride":
+                continue
+            act = 4 * _ACT_COPIES * T * width
+            if name in ("ekfac", "kfac"):
+                qc = _query_chunk(e, num_queries, covered["params"])
+                b = min(e.batch_size, n)
+                need = (12 * covered["factors"] + e.batch_size * act + 8 * b * covered["params"]
+                        + 4 * qc * covered["params"] + scores_b)
+                detail = (f"{covered['layers']} layers, {covered['params']:,} covered params, "
+                          f"ekfac.batch_size={b}, ekfac.query_chunk={qc}")
+            elif name == "influence":
+                need = 4 * (n + num_queries) * p_all + m.chunk * (act + 8 * p_all) + scores_b
+                detail = f"(n + Q) x P = {n + num_queries} x {p_all:,} gradients"
+            elif name in ("graddot", "tracin", "trak", "logra"):
+                k = m.trak.proj_dim if name == "trak" else 0
+                proj = min(4 * p_all * k, 512 * 2 ** 20) if name == "trak" else 0
+                keep = (4 * num_queries * p_all if name in ("graddot", "tracin")
+                        else 8 * (n + num_queries) * max(k, 1))
+                need = m.chunk * (act + 8 * p_all) + proj + keep + scores_b
+                detail = f"chunk={m.chunk}, P={p_all:,}"
+            else:
+                need = 4 * (n + num_queries) * T * d + scores_b
+                detail = "pooled features / term counts"
+            out.append(StageMemory(name, int(need), int(need), detail))
+        return out
+
+    plan_stages = stages(cfg)
+    changes: list[str] = []
+    original = cfg
+    if b_limit is not None:
+        for _ in range(64):
+            over = [s for s in plan_stages if s.host > b_limit]
+            if not over:
+                break
+            e, m = cfg.methods.ekfac, cfg.methods
+            qc = _query_chunk(e, num_queries, covered["params"])
+            if any(s.stage in ("ekfac", "kfac") for s in over) and qc > 1:
+                cfg = _set(cfg, ekfac=dataclasses.replace(e, query_chunk=max(1, qc // 2)))
+            elif any(s.stage in ("ekfac", "kfac") for s in over) and e.batch_size > 1:
+                cfg = _set(cfg, ekfac=dataclasses.replace(e, batch_size=max(1, e.batch_size // 2)))
+            elif m.chunk > 1 and any(s.stage not in ("ekfac", "kfac") for s in over):
+                cfg = _set(cfg, chunk=max(1, m.chunk // 2))
+            else:
+                break
+            plan_stages = stages(cfg)
+        for key, was, now in (
+                ("methods.ekfac.query_chunk", original.methods.ekfac.query_chunk,
+                 cfg.methods.ekfac.query_chunk),
+                ("methods.ekfac.batch_size", original.methods.ekfac.batch_size,
+                 cfg.methods.ekfac.batch_size),
+                ("methods.chunk", original.methods.chunk, cfg.methods.chunk)):
+            if was != now:
+                changes.append(f"{key}: {was} -> {now}")
+    plan = MemoryPlan(tuple(plan_stages), cfg, b_limit, tuple(changes))
+    bad = [s for s in plan_stages if b_limit is not None and s.host > b_limit]
+    if bad:
+        s = bad[0]
+        fix = {"ekfac": "cover fewer layers (methods.ekfac.layers=mlp or a regular expression)",
+               "kfac": "cover fewer layers (methods.ekfac.layers=mlp or a regular expression)",
+               "influence": "use trak, logra or ekfac (no full gradients kept)",
+               }.get(s.stage, "set scores=topk, or use fewer queries per run")
+        raise MemoryBudgetError(
+            f"the {s.stage} stage needs about {format_bytes(s.host)} ({s.detail}) but the budget "
+            f"is {format_bytes(b_limit)}, even with the smallest result-neutral chunks; {fix}")
+    return plan
+
+
+def _set(cfg: Any, **methods_fields) -> Any:
+    return dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, **methods_fields))
+
+
+def _covered_params(model: Any, layers: str) -> dict:
+    """Covered layers, their parameters ``sum O I'`` and factor floats ``sum I'^2 + O^2 + O I'``
+    of a ``CausalLM`` (one abstract trace, no computation)."""
+    from stride_jax.baselines import ekfac as E
+    tm = E.causal_lm_token_model(model)
+    one = {"input_ids": np.zeros((1, 2), np.int32), "attention_mask": np.ones((1, 2), np.int32),
+           "loss_mask": np.zeros((1, 2), np.int32)}
+    shapes, _ = E.layer_names(tm, tm.prepare(one), 1)
+    names = E.select_layers(list(shapes), layers)
+    dims = [(shapes[k].d_in + shapes[k].bias, shapes[k].d_out) for k in names]
+    return {"layers": len(names), "params": int(sum(i * o for i, o in dims)),
+            "factors": int(sum(i * i + o * o + i * o for i, o in dims))}

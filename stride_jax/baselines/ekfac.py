@@ -469,12 +469,11 @@ def fit_factors(tm: TokenModel, examples: Any, *, strategy: Strategy = "ekfac",
     labels = "sample" if fisher == "true" else "data"
     directory = Path(directory) if directory is not None else None
     eigen_path = directory / "eigen.safetensors" if directory is not None else None
-    log.info("K-FAC factors over %d dense layers (%s): %s", len(chosen), layers,
-             ", ".join(chosen[:6]) + (" ..." if len(chosen) > 6 else ""))
-
     if covariance is None and eigen_path is not None and eigen_path.is_file():
         covariance = Factors.load(eigen_path)
     if covariance is None:
+        log.info("K-FAC factors over %d dense layers (%s): %s", len(chosen), layers,
+                 ", ".join(chosen[:6]) + (" ..." if len(chosen) > 6 else ""))
         k_cov = jax.random.fold_in(key, 0)
         sums = _accumulate(
             lambda c, v, r: engine.cov(tm.params, c, v, r, k_cov, labels), batch, n, size,
