@@ -517,7 +517,7 @@ def _ekfac(name: str, subject: Any, e: EkfacConfig, *, key: jax.Array, seed: int
             load=lambda d: E.Factors.load(d / "factors.safetensors"),
             compute=lambda d=None: E.fit_factors(tm, subject.train_examples, strategy="ekfac",
                                                  directory=d, covariance=factors, **fit),
-            save=lambda d, f: f.save(d / "factors.safetensors"))
+            save=lambda d, f: None)   # fit_factors wrote factors.safetensors
     fit_s = time.perf_counter() - t0
     covered = int(sum(factors.q_a[n].shape[0] * factors.q_s[n].shape[0] for n in factors.layers))
     qc = _query_chunk(e, subject.num_queries, covered)

@@ -450,7 +450,8 @@ def fit_factors(tm: TokenModel, examples: Any, *, strategy: Strategy = "ekfac",
     (``"empirical"``). With a ``directory``, each pass saves its running float64 sums there
     atomically every ``checkpoint_every`` chunks (``covariance.partial.safetensors``,
     ``lambda.partial.safetensors``) and resumes from them; the finished eigendecomposition is
-    ``eigen.safetensors``. ``covariance`` reuses a finished K-FAC fit (skips the first pass).
+    ``eigen.safetensors``, the finished EK-FAC factors ``factors.safetensors``. ``covariance``
+    reuses a finished K-FAC fit (skips the first pass).
     """
     if strategy not in ("ekfac", "kfac"):
         raise ValueError(f"strategy must be 'ekfac' or 'kfac', got {strategy!r}")
@@ -495,7 +496,11 @@ def fit_factors(tm: TokenModel, examples: Any, *, strategy: Strategy = "ekfac",
         checkpoint_every=checkpoint_every, progress=progress, desc="EK-FAC eigenvalues",
         what="the per-example gradients")
     lam = {name: sums[name] / n for name in chosen}
-    return dataclasses.replace(covariance, lam=lam)
+    out = dataclasses.replace(covariance, lam=lam)
+    if directory is not None:
+        out.save(directory / "factors.safetensors")
+        (directory / "lambda.partial.safetensors").unlink(missing_ok=True)
+    return out
 
 
 def _eigendecompose(layers: Sequence[str], sums: Mapping[str, np.ndarray], rows: int) -> Factors:
