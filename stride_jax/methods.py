@@ -384,7 +384,7 @@ def mix_scores(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np.nd
 
 
 def _mixture(spec: MethodSpec, subject: Any, cfg: Any, *, cache: dict, **kw) -> MethodResult:
-    parts, seconds, info = {}, 0.0, {"components": {}}
+    parts, seconds, info = {}, 0.0, {"method": spec.text, "components": {}}
     for m, w in spec.components:
         if m not in cache:
             cache[m] = run_method(m, subject, cfg, **kw)
