@@ -260,19 +260,37 @@ def _sample_labels(key: jax.Array, rows: jax.Array, logp_btv: jax.Array) -> jax.
 
 
 class _Pass:
-    """Jitted chunk functions over the covered layers of one model (built once per fit)."""
+    """Jitted chunk functions over the covered layers of one model.
+
+    One compiled forward + backward (:meth:`_capture`) serves every pass: whether labels are
+    sampled and whether a row's loss is averaged are traced flags, not static arguments, so the
+    model's graph compiles once per chunk shape; the reductions of each pass (covariances,
+    eigenbasis second moments, preconditioning, score contraction) are small separate jits.
+    """
 
     def __init__(self, tm: TokenModel, layers: Sequence[str], shapes: Mapping[str, LayerShape]):
         self.tm, self.layers, self.shapes = tm, list(layers), dict(shapes)
-        self.cov = jax.jit(self._cov, static_argnames=("labels",))
-        self.lam = jax.jit(self._lam, static_argnames=("labels",))
-        self.rotated = jax.jit(self._rotated)
-        self.score = jax.jit(self._score)
+        self.capture = jax.jit(self._capture)
+        self.covariances = jax.jit(self._covariances)
+        self.second_moments = jax.jit(lambda a, g, qa, qs: {
+            n: jnp.square(r).sum(0) for n, r in self._rot(a, g, qa, qs).items()})
+        self.preconditioned = jax.jit(lambda a, g, qa, qs, scale: {
+            n: r * scale[n] for n, r in self._rot(a, g, qa, qs).items()})
+        self.contract = jax.jit(lambda a, g, qa, qs, pq: sum(
+            jnp.einsum("qoi,boi->qb", pq[n], r, precision=_HIGHEST)
+            for n, r in self._rot(a, g, qa, qs).items()))
 
-    def _capture(self, params, batch, valid, rows, key, labels: str, mean: bool):
+    def run(self, params, batch, valid, rows, key, *, sample: bool, mean: bool):
+        """``(a, g, masks)`` of a chunk (see :meth:`_capture`)."""
+        return self.capture(params, batch, valid, rows, key, jnp.asarray(sample),
+                            jnp.asarray(mean))
+
+    def _capture(self, params, batch, valid, rows, key, sample, mean):
         """Per covered layer: inputs ``a [B, M, I']`` (bias column appended), output gradients
         ``g [B, M, O]`` and the mask ``[B, M]`` of real tokens in real rows, from one forward and
-        one backward pass (zero probes on the outputs, see :mod:`stride_jax.model.taps`)."""
+        one backward pass (zero probes on the outputs, see :mod:`stride_jax.model.taps`). The
+        loss of a row is its summed token loss at sampled labels (``sample``: the true Fisher)
+        or at the data's, divided by its scored positions when ``mean``."""
         tm = self.tm
         bsz = valid.shape[0]
         _, out_shapes = trace_shapes(lambda b: tm.logits(params, b), batch)
@@ -287,15 +305,12 @@ class _Pass:
                 raise ValueError(f"the model's logits have shape {logits.shape}; K-FAC needs "
                                  f"[batch, positions, classes]")
             logp = jax.nn.log_softmax(logits, axis=-1)
-            if labels == "sample":   # true Fisher: labels drawn from the model itself
-                targets = _sample_labels(key, rows, jax.lax.stop_gradient(logp))
-            else:
-                targets = batch["targets"]
-            nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), -1)[..., 0]
+            drawn = _sample_labels(key, rows, jax.lax.stop_gradient(logp))
+            targets = jnp.where(sample, drawn, batch["targets"].astype(jnp.int32))
+            nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
             w = batch["loss_mask"].astype(jnp.float32) * valid[:, None]
             per_row = (nll * w).sum(1)
-            if mean:
-                per_row = per_row / jnp.maximum(w.sum(1), 1.0)
+            per_row = jnp.where(mean, per_row / jnp.maximum(w.sum(1), 1.0), per_row)
             return per_row.sum(), rec.inputs
 
         g, inputs = jax.grad(loss, has_aux=True)(probes)
@@ -318,8 +333,7 @@ class _Pass:
             g_out[n] = g[n].astype(jnp.float32).reshape(bsz, -1, g[n].shape[-1])
         return a_out, g_out, masks
 
-    def _cov(self, params, batch, valid, rows, key, labels):
-        a, g, masks = self._capture(params, batch, valid, rows, key, labels, mean=False)
+    def _covariances(self, a, g, masks):
         out = {}
         for n in self.layers:
             am = a[n] * masks[n][..., None]
@@ -336,22 +350,6 @@ class _Pass:
             gr = jnp.einsum("bto,op->btp", g[n], qs[n], precision=_HIGHEST)
             out[n] = jnp.einsum("bto,bti->boi", gr, ar, precision=_HIGHEST)
         return out
-
-    def _lam(self, params, batch, valid, rows, key, labels, qa, qs):
-        a, g, _ = self._capture(params, batch, valid, rows, key, labels, mean=False)
-        return {n: jnp.square(r).sum(0) for n, r in self._rot(a, g, qa, qs).items()}
-
-    def _rotated(self, params, batch, valid, qa, qs, scale):
-        """Preconditioned query gradients (mean loss, data labels) in the eigenbasis."""
-        a, g, _ = self._capture(params, batch, valid, None, None, "data", mean=True)
-        return {n: r * scale[n] for n, r in self._rot(a, g, qa, qs).items()}
-
-    def _score(self, params, batch, valid, qa, qs, pq):
-        """``[Q, B]`` scores of a chunk of training rows (summed loss, data labels)."""
-        a, g, _ = self._capture(params, batch, valid, None, None, "data", mean=False)
-        rot = self._rot(a, g, qa, qs)
-        return sum(jnp.einsum("qoi,boi->qb", pq[n], rot[n], precision=_HIGHEST)
-                   for n in self.layers)
 
 
 def _chunks(batch: Mapping[str, np.ndarray], n: int, size: int, start: int = 0
@@ -467,7 +465,7 @@ def fit_factors(tm: TokenModel, examples: Any, *, strategy: Strategy = "ekfac",
     shapes, _ = layer_names(tm, batch, size)
     chosen = select_layers(list(shapes), layers)
     engine = _Pass(tm, chosen, shapes)
-    labels = "sample" if fisher == "true" else "data"
+    sample = fisher == "true"
     directory = Path(directory) if directory is not None else None
     eigen_path = directory / "eigen.safetensors" if directory is not None else None
     if covariance is None and eigen_path is not None and eigen_path.is_file():
@@ -477,7 +475,9 @@ def fit_factors(tm: TokenModel, examples: Any, *, strategy: Strategy = "ekfac",
                  ", ".join(chosen[:6]) + (" ..." if len(chosen) > 6 else ""))
         k_cov = jax.random.fold_in(key, 0)
         sums = _accumulate(
-            lambda c, v, r: engine.cov(tm.params, c, v, r, k_cov, labels), batch, n, size,
+            lambda c, v, r: engine.covariances(
+                *engine.run(tm.params, c, v, r, k_cov, sample=sample, mean=False)),
+            batch, n, size,
             partial=None if directory is None else directory / "covariance.partial.safetensors",
             checkpoint_every=checkpoint_every, progress=progress, desc="K-FAC covariances",
             what="the layer covariances")
@@ -491,7 +491,9 @@ def fit_factors(tm: TokenModel, examples: Any, *, strategy: Strategy = "ekfac",
     qs = {k: jnp.asarray(v, jnp.float32) for k, v in covariance.q_s.items()}
     k_lam = jax.random.fold_in(key, 1)
     sums = _accumulate(
-        lambda c, v, r: engine.lam(tm.params, c, v, r, k_lam, labels, qa, qs), batch, n, size,
+        lambda c, v, r: engine.second_moments(
+            *engine.run(tm.params, c, v, r, k_lam, sample=sample, mean=False)[:2], qa, qs),
+        batch, n, size,
         partial=None if directory is None else directory / "lambda.partial.safetensors",
         checkpoint_every=checkpoint_every, progress=progress, desc="EK-FAC eigenvalues",
         what="the per-example gradients")
@@ -551,6 +553,7 @@ def scores(tm: TokenModel, factors: Factors, train: Any, queries: Any, *,
     qa = {k: jnp.asarray(v, jnp.float32) for k, v in factors.q_a.items()}
     qs = {k: jnp.asarray(v, jnp.float32) for k, v in factors.q_s.items()}
     sc = {k: jnp.asarray(v, jnp.float32) for k, v in scale.items()}
+    key = jax.random.key(0)       # unused: scores take the data's labels
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -561,14 +564,18 @@ def scores(tm: TokenModel, factors: Factors, train: Any, queries: Any, *,
             q_idx = np.arange(q0, min(q0 + qc, q))
             block = {k: v[q_idx] for k, v in query_b.items()}
             pieces = []
-            for start, real, chunk, valid, _ in _chunks(block, len(q_idx), qc):
-                pq = engine.rotated(tm.params, chunk, valid, qa, qs, sc)
+            # Chunks of the training chunk's shape: one compiled forward + backward for all.
+            for start, real, chunk, valid, rows in _chunks(block, len(q_idx), size):
+                a, g, _ = engine.run(tm.params, chunk, valid, rows, key, sample=False, mean=True)
+                pq = engine.preconditioned(a, g, qa, qs, sc)
                 pieces.append({k: v[:real] for k, v in pq.items()})
             pq = {k: jnp.concatenate([p[k] for p in pieces]) for k in factors.layers}
             _finite({k: np.asarray(v) for k, v in pq.items()}, "the query gradients", q0)
             out = np.empty((len(q_idx), n), np.float32)
-            for start, real, chunk, valid, _ in _chunks(train_b, n, size):
-                s_qb = np.asarray(engine.score(tm.params, chunk, valid, qa, qs, pq))
+            for start, real, chunk, valid, rows in _chunks(train_b, n, size):
+                a, g, _ = engine.run(tm.params, chunk, valid, rows, key, sample=False,
+                                     mean=False)
+                s_qb = np.asarray(engine.contract(a, g, qa, qs, pq))
                 if not np.isfinite(s_qb).all():
                     raise FloatingPointError(
                         f"non-finite scores for training rows {start}..{start + real - 1}; "
