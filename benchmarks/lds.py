@@ -19,7 +19,8 @@ through the one registry of ``stride-jax attribute --method`` (``stride_jax.meth
 components, weights fixed in advance on the digits and pretrain tasks by benchmarks/mixture.py);
 its row reuses the components' scores of this run (at their default settings) and its time is the
 sum of theirs. ``--merge`` keeps the rows of methods not run this time from the existing results
-file, so a few methods can be (re)measured without rerunning the rest.
+file, so a few methods can be (re)measured without rerunning the rest; a mixture whose components
+are such kept rows takes their stored scores (``--scores-dir``) and recorded times.
 
 Targets (issue 4): STRIDE's LDS above every baseline on every task, and STRIDE at least 13x
 faster than the best gradient baseline whose LDS is within 10 % of STRIDE's. The script reports
@@ -85,6 +86,25 @@ def _targets(rows: list[dict]) -> dict:
         "speedup_target_13x_met": (fastest_close["seconds"] / s["seconds"] >= 13
                                    if fastest_close else None),
     }
+
+
+def _stored_components(rows: list[dict], scores_dir: Path, task) -> dict:
+    """``{method: MethodResult}`` of kept rows whose scores this script stored (same ids), for a
+    mixture measured with ``--merge`` without rerunning its components. Damped baselines are left
+    out: their stored scores are at the damping that was best on the ground truth, not the
+    default a mixture must use."""
+    from stride_jax.methods import MethodResult
+    out = {}
+    for r in rows:
+        m, d = r["method"], scores_dir / r["method"]
+        if "lds" not in r or m in DAMPED or m.startswith("mix") or not (d / "scores.npy").is_file():
+            continue
+        ids = json.loads((d / "ids.json").read_text()) if (d / "ids.json").is_file() else {}
+        if ids.get("queries") != list(task.queries.ids) or ids.get("train") != list(task.train.ids):
+            continue
+        out[m] = MethodResult(np.load(d / "scores.npy", allow_pickle=False), r["seconds"],
+                              {"from": str(d / "scores.npy")})
+    return out
 
 
 def plot(results: dict, path: Path) -> Path | None:
@@ -189,7 +209,9 @@ def main() -> None:
         results["tasks"][tname] = entry
         entry["rows"] = kept
         scores = {}
-        defaults: dict = {}     # method -> its result at the default settings (mixtures use it)
+        # method -> its result at the default settings, which mixtures reuse; with --merge, also
+        # the kept rows' methods, from their stored scores and recorded times.
+        defaults: dict = _stored_components(kept, args.scores_dir / tname, task)
         for method in methods:
             if method == "bm25" and task.train_docs is None:
                 continue
