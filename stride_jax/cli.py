@@ -298,8 +298,9 @@ def cmd_attribute(args) -> int:
 
 def _check_method(cfg, args):
     """The parsed ``--method`` (checked before any work) and the options only STRIDE has."""
-    from stride_jax.methods import parse_method
+    from stride_jax.methods import parse_method, validate
     spec = parse_method(cfg.method)
+    validate(cfg.methods)
     if spec.name != "stride" and args.self_influence:
         raise ValueError(f"--self-influence uses STRIDE's operators; drop it or use --method "
                          f"stride (method is {spec.text})")

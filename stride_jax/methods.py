@@ -57,6 +57,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import numpy as np
 
+from stride_jax.apps.select import zscore
 from stride_jax.config import option, to_dict
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,53 @@ class MethodsConfig:
     repsim_layer: Literal["final", "reader"] = option("final", "hidden state compared by repsim")
     chunk: int = option(32, "examples per per-example-gradient chunk (trak, logra, tracin, graddot, "
                             "influence)")
+
+
+def validate(m: MethodsConfig) -> None:
+    """Check every method's settings before any work (a typo must not cost a factor fit)."""
+    from stride_jax.parallel.memory import parse_bytes
+
+    def damping(section: str, value: float | None, fraction: float) -> None:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"methods.{section}.damping={value} must be a finite number >= 0, "
+                             f"or null (damping_fraction x the mean eigenvalue)")
+        if not (math.isfinite(fraction) and fraction > 0):
+            raise ValueError(f"methods.{section}.damping_fraction={fraction} must be a finite "
+                             f"number > 0")
+
+    def positive(key: str, value: int | None, allow_none: bool = False) -> None:
+        if (value is None and not allow_none) or (value is not None and value < 1):
+            raise ValueError(f"methods.{key}={value} must be an integer >= 1"
+                             + (" (or null)" if allow_none else ""))
+
+    e = m.ekfac
+    damping("ekfac", e.damping, e.damping_fraction)
+    damping("trak", m.trak.damping, m.trak.damping_fraction)
+    damping("logra", m.logra.damping, m.logra.damping_fraction)
+    damping("influence", m.influence.damping, m.influence.damping_fraction)
+    positive("ekfac.batch_size", e.batch_size)
+    positive("ekfac.query_chunk", e.query_chunk, allow_none=True)
+    positive("ekfac.checkpoint_every", e.checkpoint_every)
+    positive("trak.proj_dim", m.trak.proj_dim)
+    positive("logra.rank", m.logra.rank)
+    positive("chunk", m.chunk)
+    parse_bytes(e.query_memory)
+    parse_bytes(m.influence.memory_budget)
+    if e.layers not in ("blocks", "all", "mlp", "attn"):
+        import re
+        try:
+            re.compile(e.layers)
+        except re.error as err:
+            raise ValueError(f"methods.ekfac.layers={e.layers!r} is neither blocks, all, mlp, "
+                             f"attn nor a valid regular expression ({err})") from None
+    if m.bm25.k1 < 0 or not 0 <= m.bm25.b <= 1:
+        raise ValueError(f"methods.bm25 needs k1 >= 0 and 0 <= b <= 1; got k1={m.bm25.k1}, "
+                         f"b={m.bm25.b}")
+    t = m.tracin
+    if t.learning_rates and len(t.learning_rates) != len(t.checkpoints):
+        raise ValueError(f"methods.tracin has {len(t.checkpoints)} checkpoints but "
+                         f"{len(t.learning_rates)} learning_rates; give one per checkpoint (or "
+                         f"none: 1 each)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +389,7 @@ def run_method(method: str, subject: Any, cfg: Any, *, methods: MethodsConfig | 
     """
     spec = parse_method(method)
     methods = methods if methods is not None else cfg.methods
+    validate(methods)
     seed = cfg.seed if seed is None else seed
     workdir = Path(workdir) if workdir is not None else None
     kw = dict(methods=methods, seed=seed, workdir=workdir, overwrite=overwrite,
@@ -366,15 +415,6 @@ def run_method(method: str, subject: Any, cfg: Any, *, methods: MethodsConfig | 
                 f"{spec.name}: {int(bad.sum())} scores are NaN/inf (first: query {q}, training "
                 f"example {i}); check the model and the data for NaN/inf, or raise the damping")
     return MethodResult(scores, seconds, info, top)
-
-
-def zscore(s_qn: np.ndarray) -> np.ndarray:
-    """Per-query standardisation ``(s - mean_q) / std_q`` (float64; 0 for a constant row)."""
-    s = np.asarray(s_qn, np.float64)
-    sd = s.std(1, keepdims=True)
-    mu = s.mean(1, keepdims=True)
-    flat = sd <= 1e-12 * np.maximum(np.abs(mu), np.finfo(np.float64).tiny)
-    return np.where(flat, 0.0, (s - mu) / np.where(flat, 1.0, sd))
 
 
 def mix_scores(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -569,9 +609,6 @@ def attribute(model: Any, train: Any, queries: Any, cfg: Any, *, workdir: str | 
     ckpts, lrs = (), ()
     if "tracin" in spec.methods and cfg.methods.tracin.checkpoints:
         ckpts, lrs = _tracin_checkpoints(cfg.methods.tracin)
-    elif cfg.methods.tracin.learning_rates:
-        raise ValueError("methods.tracin.learning_rates needs methods.tracin.checkpoints (one "
-                         "learning rate per checkpoint)")
     subject = subject_from_model(model, train, queries, checkpoints=ckpts, learning_rates=lrs)
     dense = scores_dense(cfg, num_queries=len(queries), n=len(train))
     if workdir is not None:
@@ -586,11 +623,7 @@ def attribute(model: Any, train: Any, queries: Any, cfg: Any, *, workdir: str | 
 
 def _tracin_checkpoints(t: TracinConfig) -> tuple[tuple[Any, ...], tuple[float, ...]]:
     from stride_jax.model.hf import from_hf
-    if t.learning_rates and len(t.learning_rates) != len(t.checkpoints):
-        raise ValueError(f"methods.tracin has {len(t.checkpoints)} checkpoints but "
-                         f"{len(t.learning_rates)} learning_rates; give one per checkpoint (or "
-                         f"none: 1 each)")
-    lrs = tuple(t.learning_rates) or (1.0,) * len(t.checkpoints)
+    lrs = tuple(t.learning_rates) or (1.0,) * len(t.checkpoints)   # lengths: validate()
     return tuple(from_hf(p) for p in t.checkpoints), lrs
 
 

@@ -114,7 +114,7 @@ def test_bad_input(data, tmp_path, capsys, case):
                                         "weight",
               "self_influence": "--self-influence uses STRIDE's operators",
               "no_matching_layer": "layers='nothing' matches none of the model's 14 dense layers",
-              "negative_damping": "damping must be a finite number >= 0",
+              "negative_damping": "methods.ekfac.damping=-1.0 must be a finite number >= 0",
               "missing_train_file": "nope.jsonl: no such file",
               "config_typo": "did you mean 'methods.ekfac.damping'",
               "memory_budget": "the ekfac stage needs about"}[case]

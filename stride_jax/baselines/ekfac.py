@@ -122,14 +122,16 @@ def causal_lm_token_model(model: Any) -> TokenModel:
         return m(batch["input_ids"], batch["attention_mask"])
 
     def prepare(ex):
+        # No copies of int32 (possibly memory-mapped) rows: chunks are gathered from them; only
+        # the shifted targets are a new [n, L] array.
         ids = np.asarray(ex["input_ids"], np.int32)
+        att = np.asarray(ex["attention_mask"], np.int32)
         if "targets" in ex:
             targets = np.asarray(ex["targets"], np.int32)
         else:
             targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
-        return {"input_ids": ids, "attention_mask": np.asarray(ex["attention_mask"], np.int32),
-                "targets": targets, "loss_mask": np.asarray(ex["loss_mask"], np.float32),
-                "token_mask": np.asarray(ex["attention_mask"], np.float32)}
+        return {"input_ids": ids, "attention_mask": att, "targets": targets,
+                "loss_mask": np.asarray(ex["loss_mask"], np.int32), "token_mask": att}
 
     return TokenModel(params, logits, prepare)
 
