@@ -13,7 +13,10 @@ examples (by STRIDE and by the best baseline) and without k random ones.
 The damped baselines (influence, trak, logra) are run at several relative dampings and keep the
 best on the ground truth itself, which favours them; STRIDE, EK-FAC and K-FAC run their configured
 defaults (EK-FAC/K-FAC: 0.1 x the mean eigenvalue, as the kronfluence peer). Every method goes
-through the one registry of ``stride-jax attribute --method`` (``stride_jax.methods``).
+through the one registry of ``stride-jax attribute --method`` (``stride_jax.methods``). ``stride``
+is STRIDE at its defaults (closed-form operators); ``stride_trained`` is STRIDE with
+``configs/attribute_trained.yaml`` (the paper's operators trained on random subsets and decoded
+by regression, the default before closed form).
 
 ``mix`` is the default mixture (``stride_jax/mixture_default.json``: per-query z-scores of its
 components, weights fixed in advance on the digits and pretrain tasks by benchmarks/mixture.py);
@@ -45,16 +48,27 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, ForeignLoad, print_table, write_results  # noqa: E402
+from _common import (RESULTS_DIR, ForeignLoad, print_table, task_groundtruth,  # noqa: E402
+                     write_results)
 
+from stride_jax.attributor import AttributeConfig  # noqa: E402
 from stride_jax.config import load_config  # noqa: E402
-from stride_jax.eval.groundtruth import run_groundtruth  # noqa: E402
 from stride_jax.eval.metrics import counterfactual_summary, lds  # noqa: E402
 from stride_jax.eval.suite import (GRADIENT_METHODS, METHODS, TaskConfig, build_task,  # noqa: E402
                                    counterfactual, run_method)
 
 ROOT = Path(__file__).resolve().parents[1]
 DAMPED = ("influence", "trak", "logra")
+# Rows that run a registry method with another STRIDE config: name -> (method, config file).
+VARIANTS = {"stride_trained": ("stride", ROOT / "configs" / "attribute_trained.yaml")}
+
+
+def _method_and_config(method: str, cfg: TaskConfig) -> tuple[str, TaskConfig]:
+    """The registry method behind a row and the task config it runs with (``VARIANTS``)."""
+    if method not in VARIANTS:
+        return method, cfg
+    name, path = VARIANTS[method]
+    return name, dataclasses.replace(cfg, stride=load_config(AttributeConfig, path))
 
 
 def _with_damping(cfg: TaskConfig, method: str, fraction: float) -> TaskConfig:
@@ -145,8 +159,10 @@ def plot(results: dict, path: Path) -> Path | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="digits,pretrain,finetune")
-    ap.add_argument("--methods", default=",".join(METHODS + ("mix",)),
-                    help="methods (stride_jax.methods names; mix: the default mixture)")
+    ap.add_argument("--methods", default=",".join(METHODS + tuple(VARIANTS) + ("mix",)),
+                    help="methods (stride_jax.methods names; mix: the default mixture; "
+                         "stride_trained: STRIDE with configs/attribute_trained.yaml, the "
+                         "trained operators that were the default before closed form)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the existing results file's rows of methods not run now")
     ap.add_argument("--groundtruth-dir", type=Path, default=ROOT / "runs" / "gt",
@@ -194,9 +210,7 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         print(f"[{tname}] built in {build_s:.0f} s: n={task.n}, Q={task.num_queries}")
         t0 = time.perf_counter()
-        gt = run_groundtruth(task.retrain, n=task.n, num_queries=task.num_queries,
-                             cfg=cfg.groundtruth, out_dir=args.groundtruth_dir / tname,
-                             stamp=task.stamp, progress=True)
+        gt = task_groundtruth(task, cfg, args.groundtruth_dir / tname)
         entry = {"n": task.n, "queries": task.num_queries, "build_seconds": build_s,
                  "groundtruth_subsets": int(gt.masks_sn.shape[0]),
                  "groundtruth_seconds_this_run": time.perf_counter() - t0,
@@ -219,11 +233,12 @@ def main() -> None:
             by_fraction = {}
             try:
                 for f in fractions:
-                    mcfg = cfg if f is None else _with_damping(cfg, method, f)
+                    name, mcfg = _method_and_config(method, cfg)
+                    mcfg = mcfg if f is None else _with_damping(mcfg, method, f)
                     times = []
                     for _ in range(max(1, args.repeat) if f == fractions[0] else 1):
                         with ForeignLoad() as fl:
-                            res = run_method(method, task, mcfg, cache=dict(defaults))
+                            res = run_method(name, task, mcfg, cache=dict(defaults))
                         times.append(res.seconds)
                     if f == fractions[0]:
                         first_times = times

@@ -12,8 +12,9 @@ records the whole grid as its evidence in ``benchmarks/results/mixture.json``. T
 influence the choice.
 
 Re-choosing after STRIDE's (or EK-FAC's) defaults change is one run of this script (it recomputes
-the component scores; ``--reuse-scores`` takes them from ``runs/lds_scores/<task>/<method>``, as
-benchmarks/lds.py writes them, when you know they are current), then
+the component scores; ``--scores-dir runs/lds_scores --reuse-scores`` takes them from
+``runs/lds_scores/<task>/<method>``, as benchmarks/lds.py writes them, when you know they are
+current), then
 ``python benchmarks/lds.py --methods mix --merge`` (or a full run) for the table.
 
 Usage: python benchmarks/mixture.py [--choose digits,pretrain] [--report finetune]
@@ -33,10 +34,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import print_table, task_groundtruth, write_results  # noqa: E402
 
 from stride_jax.config import load_config  # noqa: E402
-from stride_jax.eval.groundtruth import load_groundtruth  # noqa: E402
 from stride_jax.eval.metrics import lds  # noqa: E402
 from stride_jax.eval.suite import TaskConfig, build_task, run_method  # noqa: E402
 from stride_jax.methods import MIXTURE_FILE, mix_scores, parse_method  # noqa: E402
@@ -51,19 +51,25 @@ def simplex(k: int, step: float) -> list[tuple[float, ...]]:
             if sum(combo) == m]
 
 
-def component_scores(tname: str, methods: list[str], reuse: bool) -> tuple[dict, object, dict]:
-    """``({method: scores}, ground truth, {method: seconds})`` on one task."""
+def component_scores(tname: str, methods: list[str], gt_dir: Path, scores_dir: Path | None,
+                     reuse: bool) -> tuple[dict, object, dict]:
+    """``({method: scores}, ground truth, {method: seconds})`` on one task; with a
+    ``scores_dir`` the scores are kept in ``scores_dir/<task>/<method>/scores.npy`` (and with
+    ``reuse`` taken from there)."""
     cfg = load_config(TaskConfig, ROOT / "configs" / f"task_{tname}.yaml")
-    gt = load_groundtruth(ROOT / "runs" / "gt" / tname)
-    scores, seconds, task = {}, {}, None
+    task = build_task(cfg)     # its stamp checks the ground truth; deterministic in the config
+    gt = task_groundtruth(task, cfg, gt_dir / tname)
+    scores, seconds = {}, {}
     for m in methods:
-        stored = ROOT / "runs" / "lds_scores" / tname / m / "scores.npy"
-        if reuse and stored.is_file():
+        stored = scores_dir / tname / m / "scores.npy" if scores_dir is not None else None
+        if reuse and stored is not None and stored.is_file():
             scores[m] = np.load(stored, allow_pickle=False)
             continue
-        task = task or build_task(cfg)
         res = run_method(m, task, cfg)
         scores[m], seconds[m] = res.scores_qn, res.seconds
+        if stored is not None:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            np.save(stored, res.scores_qn)
         print(f"[{tname}] {m}: {res.seconds:.1f} s")
     return scores, gt, seconds
 
@@ -74,7 +80,12 @@ def main() -> int:
     ap.add_argument("--report", default="finetune", help="tasks scored for information only")
     ap.add_argument("--components", default="stride,ekfac")
     ap.add_argument("--step", type=float, default=0.05)
-    ap.add_argument("--reuse-scores", action="store_true")
+    ap.add_argument("--groundtruth-dir", type=Path, default=ROOT / "runs" / "gt",
+                    help="ground truths in DIR/<task> (checked against the task's stamp)")
+    ap.add_argument("--scores-dir", type=Path, default=None,
+                    help="keep each component's scores in DIR/<task>/<method>/scores.npy")
+    ap.add_argument("--reuse-scores", action="store_true",
+                    help="take the components' scores from --scores-dir when present")
     ap.add_argument("--dry-run", action="store_true", help="do not rewrite the default")
     args = ap.parse_args()
     comps = [parse_method(m).name for m in args.components.split(",")]
@@ -83,7 +94,8 @@ def main() -> int:
     grid = simplex(len(comps), args.step)
     table, per_task, timings = [], {}, {}
     for tname in choose + report:
-        scores, gt, seconds = component_scores(tname, comps, args.reuse_scores)
+        scores, gt, seconds = component_scores(tname, comps, args.groundtruth_dir,
+                                               args.scores_dir, args.reuse_scores)
         timings[tname] = seconds
         per_task[tname] = [float(lds(mix_scores(scores, dict(zip(comps, w))), gt.masks_sn,
                                      gt.losses_sq, bootstrap=0).mean) for w in grid]

@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ForeignLoad, machine_info, print_table, write_results  # noqa: E402
+from _common import (ForeignLoad, machine_info, print_table, task_groundtruth,  # noqa: E402
+                     write_results)
 from peers_kronfluence import run_kronfluence  # noqa: E402
 
 from stride_jax.config import load_config  # noqa: E402
-from stride_jax.eval.groundtruth import load_groundtruth  # noqa: E402
 from stride_jax.eval.metrics import lds  # noqa: E402
 from stride_jax.eval.suite import TaskConfig, build_task, run_method  # noqa: E402
 from stride_jax.model.hf import to_hf  # noqa: E402
@@ -88,10 +88,7 @@ def main() -> None:
     for tname in args.tasks.split(","):
         cfg = load_config(TaskConfig, ROOT / "configs" / f"task_{tname}.yaml")
         task = build_task(cfg)
-        gt = load_groundtruth(args.groundtruth_dir / tname)
-        if gt.losses_sq.shape[1] != task.num_queries or gt.masks_sn.shape[1] != task.n:
-            raise SystemExit(f"{args.groundtruth_dir / tname} does not match the {tname} task; "
-                             f"run `stride-jax groundtruth --config configs/task_{tname}.yaml`")
+        gt = task_groundtruth(task, cfg, args.groundtruth_dir / tname)
         rows, peer_scores, our_runs = [], {}, {m: [] for m in ours_methods}
 
         def run_ours(m):

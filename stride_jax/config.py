@@ -12,6 +12,8 @@ A config is a (possibly nested) frozen dataclass whose fields carry help text::
         seeds: tuple[int, ...] = option((0,), "random seeds, one run each")
 
     cfg = load_config(Run, "configs/run.yaml", ["optim.lr=3e-4", "seeds=[0,1,2]"])
+    cfg = with_overrides(cfg, "optim.lr=1e-4")           # the same dotted keys, from Python
+    cfg = with_overrides(cfg, **{"optim.lr": 1e-4})      # ... with Python values
 
 Loading is strict, because a typo silently falling back to a default wastes a run:
 
@@ -20,7 +22,10 @@ Loading is strict, because a typo silently falling back to a default wastes a ru
 * values are checked against the field annotations (``int``, ``float`` (ints widen), ``bool``
   (real booleans only), ``str``, ``pathlib.Path`` (from a string), ``X | None``,
   ``Literal[...]``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``, ``dict[K, V]``, nested
-  dataclasses, ``Any``), and missing required fields are reported together.
+  dataclasses, ``Any``), and missing required fields are reported together;
+* every numeric setting is range-checked by its dataclass's ``__post_init__`` through
+  :func:`check_ranges` (so Python users get the same checks), and the error names the dotted key,
+  the value, the valid range and, where it helps, the fix.
 
 YAML is read with a safe loader that follows YAML 1.2 for scalars: ``1e-3`` is a float (PyYAML's
 YAML 1.1 default would make it a string), only ``true``/``false`` are booleans (``yes``, ``no``,
@@ -36,6 +41,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -46,11 +52,15 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from stride_jax.errors import ConfigError
 from stride_jax.io.atomic import atomic_write_text
 
 __all__ = [
+    "SEED_RANGE",
     "ConfigError",
+    "ConfigValueError",
     "apply_overrides",
+    "check_ranges",
     "config_fingerprint",
     "dump_config",
     "field_help",
@@ -61,13 +71,71 @@ __all__ = [
     "option",
     "parse_yaml",
     "to_dict",
+    "with_overrides",
 ]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file, override or value is invalid; the message says which key and why."""
+class ConfigValueError(ConfigError):
+    """Settings out of their valid range: ``problems`` holds ``(field, value, requirement)``.
+
+    Raised by a config dataclass's ``__post_init__``; :func:`from_dict` re-raises it with the
+    dotted key of each field (``train.epochs=0 must be >= 1``). Constructed directly in Python,
+    the message names the dataclass instead (``OperatorTrainConfig.epochs=0 must be >= 1``).
+    """
+
+    def __init__(self, owner: str, problems: Sequence[tuple[str, Any, str]]):
+        self.owner, self.problems = owner, list(problems)
+        super().__init__(self.format(f"{owner}."))
+
+    def format(self, prefix: str) -> str:
+        return "; ".join(f"{prefix}{name}={value!r} {req}" for name, value, req in self.problems)
+
+
+# Seeds become JAX keys, which keep only the low 32 bits (2**32 would be seed 0 again).
+SEED_RANGE = "in [0, 4294967295]"
+_SPEC_RE = re.compile(r"^(>=|>)\s*(\S+)$|^in\s*([\[(])\s*([^,]+?)\s*,\s*([^\])]+?)\s*([\])])$")
+
+
+def _satisfies(value: Any, spec: str) -> bool:
+    m = _SPEC_RE.match(spec.strip())
+    if m is None:
+        raise ValueError(f"bad range spec {spec!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if m.group(1):
+        bound = float(m.group(2))
+        return value >= bound if m.group(1) == ">=" else value > bound
+    lo, hi = float(m.group(4)), float(m.group(5))
+    return ((value >= lo) if m.group(3) == "[" else (value > lo)) and \
+        ((value <= hi) if m.group(6) == "]" else (value < hi))
+
+
+def check_ranges(cfg: Any, ranges: Mapping[str, str], *, fixes: Mapping[str, str] | None = None,
+                 extra: Sequence[tuple[str, Any, str]] = ()) -> None:
+    """Raise :class:`ConfigValueError` for every field of ``cfg`` outside its range.
+
+    ``ranges`` maps a field to ``">= 1"``, ``"> 0"`` or an interval such as ``"in [0, 1)"``; a
+    ``None`` value passes (an optional field left automatic), a float must be finite. ``fixes``
+    adds a hint per field; ``extra`` are further ``(field, value, requirement)`` problems found by
+    the caller (cross-field checks), reported in the same error.
+    """
+    problems = []
+    for name, spec in ranges.items():
+        value = getattr(cfg, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue   # the type itself is checked by the loader
+        if not _satisfies(value, spec):
+            text = spec.strip()
+            req = f"must lie {text}" if text.startswith("in") else f"must be {text}"
+            if isinstance(value, float) and not math.isfinite(value):
+                req = f"must be a finite number {text}"
+            fix = (fixes or {}).get(name)
+            problems.append((name, value, f"{req}; {fix}" if fix else req))
+    problems += list(extra)
+    if problems:
+        raise ConfigValueError(type(cfg).__name__, problems)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +442,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigValueError):
+            raise ConfigError(e.format(prefix)) from None
         if isinstance(e, ConfigError):
             raise
         # __post_init__ validation: attach where the failing config lives.
@@ -427,21 +497,45 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 f"override {item!r} has an empty value; write {key}=null for None or "
                 f"{key}=\"''\" for an empty string"
             )
-        value = parse_yaml(text, source=f"override {item!r}")
-        parts = key.split(".")
-        node = out
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {item!r}: {'.'.join(parts[: depth + 1])!r} is "
-                    f"{_describe(child)}, not a section, so it has no key {parts[depth + 1]!r}"
-                )
-            node = child
-        node[parts[-1]] = value
+        _set_dotted(out, key, parse_yaml(text, source=f"override {item!r}"), item)
     return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str) -> None:
+    """``data[a][b][c] = value`` for ``key = "a.b.c"``; ``item`` names the override in errors."""
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"override {item!r}: {'.'.join(parts[: depth + 1])!r} is "
+                f"{_describe(child)}, not a section, so it has no key {parts[depth + 1]!r}"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def with_overrides(config: T, *overrides: str, **values: Any) -> T:
+    """A copy of the config dataclass ``config`` with dotted overrides, checked like
+    :func:`load_config` (unknown keys, types, ``__post_init__``)::
+
+        cfg = with_overrides(AttributeConfig(), "train.epochs=5", "steering.site=final_hidden")
+        cfg = with_overrides(cfg, **{"train.epochs": 5, "design.per_example": 10})
+
+    Strings are ``key=value`` overrides parsed as on the command line; keyword arguments give
+    Python values for dotted keys (nested dataclasses and tuples are converted).
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"with_overrides needs a config dataclass instance, got {config!r}")
+    data = apply_overrides(to_dict(config), overrides)
+    for key, value in values.items():
+        if not _KEY_RE.match(key):
+            raise ConfigError(f"malformed override key {key!r}: {_OVERRIDE_USAGE}")
+        _set_dotted(data, key, to_dict(value), f"{key}={value!r}")
+    return from_dict(type(config), data)
 
 
 def load_config(
@@ -459,6 +553,9 @@ def load_config(
     data: Any = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory, not a config file; pass a YAML file such "
+                              f"as configs/attribute_default.yaml (CLI: --config)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}; check the path (CLI: --config)")
         try:

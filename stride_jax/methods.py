@@ -36,7 +36,8 @@ scales mix by a rank-like weight. ``mix`` / ``mix:default`` uses the weights rec
 **Stages** (given a ``workdir``, e.g. the CLI's ``--out``): STRIDE's own stages
 (``design/ operators/ responses/ solve/``); K-FAC/EK-FAC factors in ``factors/kfac/``
 (covariances, eigendecomposition) and ``factors/ekfac/`` (eigenvalue correction), each pass
-resumable from its last atomic save; each method's scores in ``<method>/<queries>/``. Every stage
+resumable from its last atomic save; each method's scores in
+``methods/<method>/<queries>/``. Every stage
 is stamped with what made it (model, training rows, queries, settings, seed) and refused when
 reused with other arguments (unless ``overwrite``).
 
@@ -58,7 +59,8 @@ import jax
 import numpy as np
 
 from stride_jax.apps.select import zscore
-from stride_jax.config import option, to_dict
+from stride_jax.config import check_ranges, option, to_dict
+from stride_jax.errors import ConfigError, ModelError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,10 @@ MIXTURE_FILE = Path(__file__).with_name("mixture_default.json")
 # ---------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------
+_DAMPING = {"damping": "> 0", "damping_fraction": "> 0"}
+_DAMPING_FIX = {"damping": "or null: damping_fraction x the mean eigenvalue"}
+
+
 @dataclasses.dataclass(frozen=True)
 class EkfacConfig:
     """K-FAC / EK-FAC (:mod:`stride_jax.baselines.ekfac`)."""
@@ -96,6 +102,29 @@ class EkfacConfig:
                                        "when query_chunk is null")
     checkpoint_every: int = option(64, "batches between atomic saves of a factor pass (resume)")
 
+    def __post_init__(self) -> None:
+        extra = _bytes_problems(self, "query_memory")
+        if self.layers not in ("blocks", "all", "mlp", "attn"):
+            import re
+            try:
+                re.compile(self.layers)
+            except re.error as err:
+                extra.append(("layers", self.layers, f"is neither blocks, all, mlp, attn nor a "
+                                                     f"valid regular expression ({err})"))
+        check_ranges(self, {**_DAMPING, "batch_size": ">= 1", "query_chunk": ">= 1",
+                            "checkpoint_every": ">= 1"},
+                     fixes={**_DAMPING_FIX, "query_chunk": "or null: as many as fit "
+                                                           "query_memory"}, extra=extra)
+
+
+def _bytes_problems(cfg: Any, name: str) -> list[tuple[str, Any, str]]:
+    from stride_jax.parallel.memory import parse_bytes
+    try:
+        parse_bytes(getattr(cfg, name))
+    except ConfigError as e:
+        return [(name, getattr(cfg, name), f"is not a size: {e}")]
+    return []
+
 
 @dataclasses.dataclass(frozen=True)
 class TrakConfig:
@@ -108,6 +137,9 @@ class TrakConfig:
                                          "eigenvalue of the projected Gram")
     damping_fraction: float = option(0.1, "relative damping used when damping is null")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {**_DAMPING, "proj_dim": ">= 1"}, fixes=_DAMPING_FIX)
+
 
 @dataclasses.dataclass(frozen=True)
 class LograConfig:
@@ -118,6 +150,9 @@ class LograConfig:
                                          "eigenvalue")
     damping_fraction: float = option(0.1, "relative damping used when damping is null")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {**_DAMPING, "rank": ">= 1"}, fixes=_DAMPING_FIX)
+
 
 @dataclasses.dataclass(frozen=True)
 class InfluenceConfig:
@@ -127,6 +162,10 @@ class InfluenceConfig:
                                          "eigenvalue")
     damping_fraction: float = option(0.1, "relative damping used when damping is null")
     memory_budget: str = option("4GiB", "refuse when the (n + Q) x P gradients exceed this")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, _DAMPING, fixes=_DAMPING_FIX,
+                     extra=_bytes_problems(self, "memory_budget"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +178,17 @@ class TracinConfig:
     learning_rates: tuple[float, ...] = option(
         (), "the learning rate in effect at each checkpoint; empty: 1 each")
 
+    def __post_init__(self) -> None:
+        extra = []
+        if self.learning_rates and len(self.learning_rates) != len(self.checkpoints):
+            extra.append(("learning_rates", list(self.learning_rates),
+                          f"must give one rate per checkpoint ({len(self.checkpoints)}), or "
+                          f"none: 1 each"))
+        if not all(math.isfinite(r) and r > 0 for r in self.learning_rates):
+            extra.append(("learning_rates", list(self.learning_rates),
+                          "must be finite numbers > 0"))
+        check_ranges(self, {}, extra=extra)
+
 
 @dataclasses.dataclass(frozen=True)
 class Bm25Config:
@@ -147,10 +197,14 @@ class Bm25Config:
     k1: float = option(1.5, "term-frequency saturation")
     b: float = option(0.75, "length normalisation")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"k1": ">= 0", "b": "in [0, 1]"})
+
 
 @dataclasses.dataclass(frozen=True)
 class MethodsConfig:
-    """Settings of every method other than STRIDE (whose settings are the run config itself)."""
+    """Settings of every method other than STRIDE (whose settings are the run config itself).
+    Every setting is range-checked on construction (a typo must not cost a factor fit)."""
 
     ekfac: EkfacConfig = option(EkfacConfig(), "EK-FAC and K-FAC")
     trak: TrakConfig = option(TrakConfig(), "TRAK")
@@ -162,52 +216,8 @@ class MethodsConfig:
     chunk: int = option(32, "examples per per-example-gradient chunk (trak, logra, tracin, graddot, "
                             "influence)")
 
-
-def validate(m: MethodsConfig) -> None:
-    """Check every method's settings before any work (a typo must not cost a factor fit)."""
-    from stride_jax.parallel.memory import parse_bytes
-
-    def damping(section: str, value: float | None, fraction: float) -> None:
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"methods.{section}.damping={value} must be a finite number >= 0, "
-                             f"or null (damping_fraction x the mean eigenvalue)")
-        if not (math.isfinite(fraction) and fraction > 0):
-            raise ValueError(f"methods.{section}.damping_fraction={fraction} must be a finite "
-                             f"number > 0")
-
-    def positive(key: str, value: int | None, allow_none: bool = False) -> None:
-        if (value is None and not allow_none) or (value is not None and value < 1):
-            raise ValueError(f"methods.{key}={value} must be an integer >= 1"
-                             + (" (or null)" if allow_none else ""))
-
-    e = m.ekfac
-    damping("ekfac", e.damping, e.damping_fraction)
-    damping("trak", m.trak.damping, m.trak.damping_fraction)
-    damping("logra", m.logra.damping, m.logra.damping_fraction)
-    damping("influence", m.influence.damping, m.influence.damping_fraction)
-    positive("ekfac.batch_size", e.batch_size)
-    positive("ekfac.query_chunk", e.query_chunk, allow_none=True)
-    positive("ekfac.checkpoint_every", e.checkpoint_every)
-    positive("trak.proj_dim", m.trak.proj_dim)
-    positive("logra.rank", m.logra.rank)
-    positive("chunk", m.chunk)
-    parse_bytes(e.query_memory)
-    parse_bytes(m.influence.memory_budget)
-    if e.layers not in ("blocks", "all", "mlp", "attn"):
-        import re
-        try:
-            re.compile(e.layers)
-        except re.error as err:
-            raise ValueError(f"methods.ekfac.layers={e.layers!r} is neither blocks, all, mlp, "
-                             f"attn nor a valid regular expression ({err})") from None
-    if m.bm25.k1 < 0 or not 0 <= m.bm25.b <= 1:
-        raise ValueError(f"methods.bm25 needs k1 >= 0 and 0 <= b <= 1; got k1={m.bm25.k1}, "
-                         f"b={m.bm25.b}")
-    t = m.tracin
-    if t.learning_rates and len(t.learning_rates) != len(t.checkpoints):
-        raise ValueError(f"methods.tracin has {len(t.checkpoints)} checkpoints but "
-                         f"{len(t.learning_rates)} learning_rates; give one per checkpoint (or "
-                         f"none: 1 each)")
+    def __post_init__(self) -> None:
+        check_ranges(self, {"chunk": ">= 1"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +251,7 @@ def _canonical(name: str) -> str:
     name = name.strip()
     name = ALIASES.get(name, name)
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, if, or a "
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, if, or a "
                          f"mixture such as mix:stride=0.25,ekfac=0.75 (mix: the default mixture)")
     return name
 
@@ -256,23 +266,23 @@ def parse_method(text: str) -> MethodSpec:
         comps = []
         for part in text[4:].split(","):
             if "=" not in part:
-                raise ValueError(f"mixture component {part.strip()!r} in {text!r} needs a weight: "
+                raise ConfigError(f"mixture component {part.strip()!r} in {text!r} needs a weight: "
                                  f"write METHOD=WEIGHT, e.g. mix:stride=0.25,ekfac=0.75")
             m, w = part.split("=", 1)
             try:
                 weight = float(w)
             except ValueError:
-                raise ValueError(f"weight {w.strip()!r} of {m.strip()!r} in {text!r} is not a "
+                raise ConfigError(f"weight {w.strip()!r} of {m.strip()!r} in {text!r} is not a "
                                  f"number") from None
             if not math.isfinite(weight):
-                raise ValueError(f"weight of {m.strip()!r} in {text!r} must be finite")
+                raise ConfigError(f"weight of {m.strip()!r} in {text!r} must be finite")
             comps.append((_canonical(m), weight))
         names = [m for m, _ in comps]
         dup = sorted({m for m in names if names.count(m) > 1})
         if dup:
-            raise ValueError(f"{text!r} lists {dup} more than once; give each method one weight")
+            raise ConfigError(f"{text!r} lists {dup} more than once; give each method one weight")
         if not any(w != 0 for _, w in comps):
-            raise ValueError(f"{text!r} has no nonzero weight")
+            raise ConfigError(f"{text!r} has no nonzero weight")
         comps = tuple(comps)
     else:
         return MethodSpec(_canonical(text))
@@ -298,7 +308,7 @@ def subject_from_model(model: Any, train: Any, queries: Any, *,
         want = jax.tree.map(np.shape, params)
         for j, c in enumerate(ckpts):
             if jax.tree.map(np.shape, c) != want:
-                raise ValueError(f"tracin checkpoint {j} has other parameter shapes than the "
+                raise ModelError(f"tracin checkpoint {j} has other parameter shapes than the "
                                  f"attributed model; list checkpoints of this model")
 
     def docs(rows):
@@ -331,7 +341,7 @@ def token_model(subject: Any):
         return subject.token_model
     if isinstance(subject.model, CausalLM):
         return causal_lm_token_model(subject.model)
-    raise ValueError(f"K-FAC/EK-FAC need a model with tapped dense layers; the {subject.name} "
+    raise ModelError(f"K-FAC/EK-FAC need a model with tapped dense layers; the {subject.name} "
                      f"task provides none (set Task.token_model)")
 
 
@@ -389,14 +399,13 @@ def run_method(method: str, subject: Any, cfg: Any, *, methods: MethodsConfig | 
     """
     spec = parse_method(method)
     methods = methods if methods is not None else cfg.methods
-    validate(methods)
     seed = cfg.seed if seed is None else seed
     workdir = Path(workdir) if workdir is not None else None
     kw = dict(methods=methods, seed=seed, workdir=workdir, overwrite=overwrite,
               progress=progress)
     if spec.name == "mix":
         if not dense:
-            raise ValueError(f"{spec.text}: a mixture z-scores each component's full row of "
+            raise ConfigError(f"{spec.text}: a mixture z-scores each component's full row of "
                              f"scores, so it needs dense scores; set scores=dense (or raise "
                              f"scores_memory_limit)")
         return _mixture(spec, subject, cfg, cache=cache or {}, **kw)
@@ -411,7 +420,7 @@ def run_method(method: str, subject: Any, cfg: Any, *, methods: MethodsConfig | 
         bad = ~np.isfinite(scores)
         if bad.any():   # NaN must never reach an output file
             q, i = (int(v[0]) for v in np.nonzero(bad))
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"{spec.name}: {int(bad.sum())} scores are NaN/inf (first: query {q}, training "
                 f"example {i}); check the model and the data for NaN/inf, or raise the damping")
     return MethodResult(scores, seconds, info, top)
@@ -446,7 +455,9 @@ def _single(name: str, subject: Any, cfg: Any, *, methods: MethodsConfig, seed: 
                          progress=progress)
         result = att.attribute(subject.queries)
         scores = result.scores_qn
-        info = {"num_subsets": att.num_subsets, "layer": lm.layer}
+        info = {"operators": cfg.operators, "layer": lm.layer}
+        if cfg.operators == "trained":
+            info["num_subsets"] = att.num_subsets
         if scores is not None:
             info["nonzeros_per_query"] = float((scores != 0).sum(1).mean())
         return scores, info, result.top_scores
@@ -461,7 +472,7 @@ def _single(name: str, subject: Any, cfg: Any, *, methods: MethodsConfig, seed: 
     payload = {**_fingerprints(subject), "queries": rows_fingerprint(subject.queries),
                "method": name, "settings": settings, "chunk": methods.chunk, "seed": seed}
     scores = _stage(
-        workdir, f"{name}/{payload['queries']}", name, payload, overwrite,
+        workdir, f"methods/{name}/{payload['queries']}", name, payload, overwrite,
         load=lambda d: np.load(d / "scores.npy", allow_pickle=False),
         compute=lambda d=None: _baseline(name, subject, methods, key),
         save=lambda d, s: save_npy(d / "scores.npy", np.asarray(s, np.float32)))
@@ -516,10 +527,10 @@ def _baseline(name: str, task: Any, m: MethodsConfig, key: jax.Array) -> np.ndar
         return cosine_scores(feats(task.queries), feats(task.train))
     if name == "bm25":
         if task.train_docs is None:
-            raise ValueError(f"bm25 needs token sequences; the {task.name} task has none")
+            raise ConfigError(f"bm25 needs token sequences; the {task.name} task has none")
         from stride_jax.baselines.text import bm25_scores
         return bm25_scores(task.train_docs, task.query_docs, k1=m.bm25.k1, b=m.bm25.b)
-    raise ValueError(f"unknown method {name!r}")
+    raise ConfigError(f"unknown method {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,8 +539,6 @@ def _baseline(name: str, task: Any, m: MethodsConfig, key: jax.Array) -> np.ndar
 def _query_chunk(e: EkfacConfig, num_queries: int, covered: int) -> int:
     from stride_jax.parallel.memory import parse_bytes
     if e.query_chunk is not None:
-        if e.query_chunk < 1:
-            raise ValueError(f"ekfac.query_chunk={e.query_chunk} must be >= 1 (or null)")
         return min(e.query_chunk, num_queries)
     return max(1, min(num_queries, parse_bytes(e.query_memory) // max(1, 4 * covered)))
 
@@ -584,7 +593,8 @@ def _ekfac(name: str, subject: Any, e: EkfacConfig, *, key: jax.Array, seed: int
             return np.load(d / "scores.npy", allow_pickle=False)
         return TopScores.load(d / "scores_topk.npz")
 
-    out = _stage(workdir, f"{name}/{payload['queries']}", f"{name} scores", payload, overwrite,
+    out = _stage(workdir, f"methods/{name}/{payload['queries']}", f"{name} scores", payload,
+                 overwrite,
                  load=load, compute=compute, save=save)
     info = {"layers": len(factors.layers), "covered_params": covered, "fit_seconds": fit_s,
             "query_chunk": qc}
@@ -617,13 +627,15 @@ def attribute(model: Any, train: Any, queries: Any, cfg: Any, *, workdir: str | 
     res = run_method(cfg.method, subject, cfg, workdir=workdir, overwrite=overwrite,
                      progress=progress, dense=dense)
     log.info("%s: %.1f s", spec.text, res.seconds)
+    # estimator_q: what produced each query's scores (the report and select show it).
     return Attribution(res.scores_qn, list(queries.ids), list(train.ids), None,
-                       subject.base_query_losses, None, None, res.top)
+                       subject.base_query_losses, None, None, res.top,
+                       np.array([spec.text] * len(queries)))
 
 
 def _tracin_checkpoints(t: TracinConfig) -> tuple[tuple[Any, ...], tuple[float, ...]]:
     from stride_jax.model.hf import from_hf
-    lrs = tuple(t.learning_rates) or (1.0,) * len(t.checkpoints)   # lengths: validate()
+    lrs = tuple(t.learning_rates) or (1.0,) * len(t.checkpoints)   # lengths: TracinConfig
     return tuple(from_hf(p) for p in t.checkpoints), lrs
 
 

@@ -13,7 +13,9 @@ no pad token the eos id is used as filler.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,22 +24,33 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from stride_jax.errors import ConfigError, DataError, ModelError
+
 __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "RowTexts",
     "SpecialIds",
     "as_backend",
+    "check_model_tokenizer",
     "check_vocab_matches",
     "load_tokenizer",
+    "row_texts",
     "save_tokenizer",
     "special_ids",
+    "tokenizer_fingerprint",
     "train_bpe",
     "vocab_size_of",
 ]
 
+log = logging.getLogger(__name__)
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
+# Written next to a model by stride-jax (to_hf): the fingerprint of the tokenizer it was trained
+# with, so a model directory without its tokenizer.json can still tell a foreign one.
+MODEL_STAMP_FILE = "stride_jax.json"
 
 
 def train_bpe(
@@ -61,7 +74,7 @@ def train_bpe(
     special_tokens = list(special_tokens)
     minimum = 256 + len(special_tokens)
     if vocab_size <= minimum:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} leaves no room for merges: byte-level BPE needs 256 byte "
             f"symbols plus {len(special_tokens)} special tokens; pass vocab_size > {minimum}"
         )
@@ -128,9 +141,13 @@ def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer:
             f"directory containing one"
         )
     try:
+        with open(file, "rb") as f:
+            bom = f.read(3) == b"\xef\xbb\xbf"
+        if bom:   # a byte order mark (an editor's): the JSON after it is fine
+            return tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8-sig"))
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
-        raise ValueError(
+        raise DataError(
             f"{file} is not a readable tokenizer ({e}); the file is corrupt or from an "
             f"unsupported tokenizers version: re-save it with the model (save_tokenizer or "
             f"transformers' save_pretrained)"
@@ -205,12 +222,106 @@ def check_vocab_matches(tok: Any, vocab_size: int) -> None:
     """
     n = vocab_size_of(tok)
     if n > vocab_size:
-        raise ValueError(
+        raise ModelError(
             f"tokenizer has {n} tokens but the model's embedding has {vocab_size} rows; pass the "
             f"tokenizer saved with the model (its tokenizer.json), not one trained or downloaded "
             f"separately"
         )
 
 
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 (16 hex digits) of what decides the ids: the tokenizer's serialisation (model,
+    vocabulary, merges, added tokens, normaliser, pre-tokeniser), padding/truncation excluded."""
+    data = json.loads(as_backend(tok).to_str())
+    data.pop("padding", None)
+    data.pop("truncation", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_tokenizer(model_dir: Path) -> tuple[str | None, str | None, Any]:
+    """(fingerprint, where it comes from, the tokenizer if its file is there) of the tokenizer
+    saved with the model in ``model_dir``; (None, None, None) when the directory has neither."""
+    own = model_dir / TOKENIZER_FILE
+    if own.is_file():
+        tok = load_tokenizer(own)
+        return tokenizer_fingerprint(tok), str(own), tok
+    try:
+        stamp = json.loads((model_dir / MODEL_STAMP_FILE).read_text(encoding="utf-8-sig"))
+        return str(stamp["tokenizer_fingerprint"]), str(model_dir / MODEL_STAMP_FILE), None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None, None
+
+
+def check_model_tokenizer(tok: Any, model_dir: str | os.PathLike[str], *, source: str,
+                          force: bool = False) -> None:
+    """Refuse a tokenizer that is not the one the model in ``model_dir`` was trained with.
+
+    A model only understands the ids of its own tokenizer: another one of the same (or a
+    smaller) vocabulary size runs without error and gives wrong losses and scores. ``tok`` is
+    compared with the model directory's ``tokenizer.json``, or else with the fingerprint
+    stride-jax stored with the model (``stride_jax.json``); a mismatch raises :class:`ModelError`
+    naming both (``source`` is where ``tok`` came from), unless ``force`` (then a warning). A
+    model directory with neither cannot be checked (a warning says so).
+    """
+    model_dir = Path(model_dir)
+    theirs, where, their_tok = _model_tokenizer(model_dir)
+    if theirs is None:
+        log.warning("cannot check that the tokenizer %s belongs to the model: %s has no %s; the "
+                    "base loss on the queries is the only check left", source, model_dir,
+                    TOKENIZER_FILE)
+        return
+    if tokenizer_fingerprint(tok) == theirs:
+        return
+    detail = ""
+    if their_tok is not None:
+        a = as_backend(tok).get_vocab(with_added_tokens=True)
+        b = as_backend(their_tok).get_vocab(with_added_tokens=True)
+        differ = sum(1 for t, i in a.items() if b.get(t) != i)
+        detail = (f": {differ} of its {len(a)} tokens have another id or none in the model's "
+                  f"{len(b)}" if differ else ": same vocabulary, other rules (merges, "
+                  "normalisation or pre-tokenisation)")
+    msg = f"the tokenizer {source} is not the one the model was trained with ({where}){detail}"
+    if force:
+        log.warning("%s; using it anyway (--force-tokenizer)", msg)
+        return
+    raise ModelError(f"{msg}; a model only understands the ids of its own tokenizer: omit "
+                     f"--tokenizer to use the model's, or pass --force-tokenizer if you know "
+                     f"the two encode alike")
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class RowTexts:
+    """The decoded text of each row's real tokens, a read-only sequence decoded on access.
+
+    Outputs name a few rows per query (topk.jsonl, the printout), so a training set of ``n``
+    rows, possibly memory-mapped and larger than memory, is never decoded whole. Supports
+    ``len``, indexing (negative too), slicing (a list) and iteration.
+    """
+
+    def __init__(self, rows, tokenizer) -> None:
+        self._rows = rows
+        self._backend = as_backend(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self._rows.input_ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        ids, mask = self._rows.input_ids[j], self._rows.attention_mask[j]
+        return self._backend.decode([int(t) for t, m in zip(ids, mask) if m])
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
+def row_texts(rows, tokenizer) -> RowTexts:
+    """Decoded text of each row's real tokens (decoded lazily, see :class:`RowTexts`)."""
+    return RowTexts(rows, tokenizer)

@@ -25,13 +25,13 @@ def main(pid: int, port: int, workdir: Path) -> dict:
     from _parallel_worker import setup
 
     from stride_jax.attributor import Attributor, CacheConfig
-    from stride_jax.solve import SolveConfig
 
     model, train, queries, cfg = setup("logits")
-    # Disk cache (per process) and top-k scores, with a cross-validated solve: the paths a
+    # Disk cache (per process) and top-k scores, with a cross-validated (ridge) solve: the paths a
     # large multi-host run takes.
     cfg = dataclasses.replace(cfg, parallel=pcfg, cache=CacheConfig(location="disk"),
-                              solve=SolveConfig(query_chunk=2), scores="topk", topk=5)
+                              solve=dataclasses.replace(cfg.solve, query_chunk=2), scores="topk",
+                              topk=5)
     att = Attributor(model, train, cfg, workdir=workdir, progress=False)
     ops = att.fit_operators()
     res = att.measure(queries)

@@ -28,7 +28,7 @@ def random_rows(n: int, seq: int, vocab: int, seed: int, prefix: str = "r"):
 def write_pairs(directory, res) -> None:
     """``train.jsonl`` (120 rows of the tiny corpus, 30 characters each) and ``queries.jsonl``
     (3 held-out prompt/completion queries) in ``directory``, from a ``pretrain`` result."""
-    from stride_jax.cli import row_texts
+    from stride_jax.tokenizer import row_texts
     from stride_jax.data import Document, write_jsonl
     texts = row_texts(res.corpus.train.subset(range(120)), res.tokenizer)
     write_jsonl([Document(id=f"d{i}", text=t[:30]) for i, t in enumerate(texts)],

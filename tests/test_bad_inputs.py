@@ -8,6 +8,7 @@ status 2 and a single ``stride-jax <cmd>: error: ...`` line on stderr, never a t
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import logging
 import shutil
@@ -25,7 +26,7 @@ from stride_jax.io.safetensors import load_file, save_file
 from stride_jax.model.hf import from_hf
 from stride_jax.recipes import pretrain
 from stride_jax.subsets import bernoulli_design, expander_design
-from stride_jax.tokenizer import load_tokenizer, save_tokenizer
+from stride_jax.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from _tiny import TINY, write_pairs
 
 # The tiny model of tests/test_attribute.py: 2 blocks, a 300-token vocabulary, 32-token context.
@@ -91,6 +92,26 @@ def _bigger_tokenizer(model: Path, tmp_path: Path) -> Path:
     return save_tokenizer(tok, tmp_path / "tok")
 
 
+def _foreign_tokenizer(tmp_path: Path) -> Path:
+    # Another model's tokenizer, no larger than the model's embedding: it passes the size check
+    # and, unchecked, runs and gives wrong losses and scores.
+    other = train_bpe(["To be, or not to be, that is the question. " * 50,
+                       "Shall I compare thee to a summer's day? " * 50], vocab_size=290)
+    return save_tokenizer(other, tmp_path / "other_tok")
+
+
+def _lines(src: Path, dst: Path, count: int) -> Path:
+    return _write(dst, "".join(src.read_text(encoding="utf-8").splitlines(True)[:count]))
+
+
+def _dir_with(tmp_path: Path, files: dict[str, str]) -> Path:
+    d = tmp_path / "docs"
+    d.mkdir()
+    for name, text in files.items():
+        _write(d / name, text)
+    return d
+
+
 # case -> (function (model, data dir, tmp) -> (--model, --train, --queries, extra args), phrases)
 ATTRIBUTE_CASES = {
     "missing_file": (
@@ -154,11 +175,17 @@ ATTRIBUTE_CASES = {
     "design_d_above_k": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
                          ["design.num_subsets=10", "design.per_example=20"]),
-        ["d=20 subsets per example cannot exceed K=10 subsets; lower d or raise K"]),
+        ["design.per_example=20 cannot exceed the K=10 subsets of design.num_subsets",
+         "lower design.per_example or raise design.num_subsets"]),
     "design_empty_subsets": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["design.num_subsets=100", "design.per_example=1"]),
+        ["num_subsets=100, per_example=1", "is empty (", "of 100 are)", "lower K or raise d"]),
+    "design_subsets_cannot_fill": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
                          ["design.num_subsets=1000", "design.per_example=1"]),
-        ["num_subsets=1000, per_example=1", "is empty (", "of 1000 are)", "lower K or raise d"]),
+        ["design.num_subsets=1000 leaves subsets empty: n=120 rows",
+         "lower design.num_subsets to at most 120 (or null), or raise design.per_example"]),
     "rank_zero": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["steering.rank=0"]),
         ["steering.rank=0 must be >= 1; set a positive rank"]),
@@ -168,6 +195,73 @@ ATTRIBUTE_CASES = {
     "epochs_zero": (
         lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["train.epochs=0"]),
         ["train.epochs=0 must be >= 1"]),
+    # Files that are neither JSON Lines nor text, whatever their name.
+    "gzip_train": (
+        lambda m, d, t: (m, _write(t / "train.jsonl.gz", gzip.compress(
+            (d / "train.jsonl").read_bytes())), d / "queries.jsonl", []),
+        ["train.jsonl.gz: a gzip-compressed file, not JSON Lines or UTF-8 text; decompress it "
+         "first"]),
+    "utf16_queries": (
+        lambda m, d, t: (m, d / "train.jsonl", _write(
+            t / "q.jsonl", (d / "queries.jsonl").read_text().encode("utf-16")), []),
+        ["q.jsonl: UTF-16 text, not JSON Lines or UTF-8 text; re-encode it as UTF-8"]),
+    "json_array_train": (
+        lambda m, d, t: (m, _write(t / "train.json", json.dumps(
+            [json.loads(x) for x in (d / "train.jsonl").read_text().splitlines()], indent=1)),
+            d / "queries.jsonl", []),
+        ["train.json: one JSON document (an array), not JSON Lines; write one JSON object per "
+         "line", "jq -c"]),
+    "directory_without_txt": (
+        lambda m, d, t: (m, _dir_with(t, {"part.jsonl": '{"id": "a", "text": "x"}\n',
+                                          "notes.md": "notes"}), d / "queries.jsonl", []),
+        ["no *.txt files in this directory (it holds notes.md, part.jsonl)",
+         "pass a .jsonl file itself"]),
+    "jsonl_inside_a_text_directory": (
+        lambda m, d, t: (m, _dir_with(t, {"part.txt": (d / "train.jsonl").read_text()}),
+                         d / "queries.jsonl", []),
+        ["part.txt: holds JSON Lines", "pass the file itself, or format='text' "
+         "(data.format=text)"]),
+    # Degenerate training sets and settings checked against them before any training.
+    "one_training_row": (
+        lambda m, d, t: (m, _lines(d / "train.jsonl", t / "one.jsonl", 1), d / "queries.jsonl",
+                         ["design.num_subsets=null", "design.per_example=40"]),
+        ["1 training row(s): attribution compares subsets with and without each example, so it "
+         "needs at least 2 training rows"]),
+    "cv_folds_above_k": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["design.num_subsets=4", "design.per_example=2", "solve.cv_folds=5"]),
+        ["solve.cv_folds=5 exceeds the K=4 subsets (design.num_subsets)",
+         "set solve.cv_folds to at most 4"]),
+    "cv_folds_above_automatic_k": (
+        lambda m, d, t: (m, _lines(d / "train.jsonl", t / "two.jsonl", 2), d / "queries.jsonl",
+                         ["design.num_subsets=null", "design.per_example=1"]),
+        ["solve.cv_folds=3 exceeds the K=2 subsets (chosen for n=2 training rows and "
+         "design.per_example=1; design.num_subsets sets it)", "set solve.cv_folds to at most 2"]),
+    # Settings out of their range, refused when the config is loaded.
+    "seq_len_zero": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["data.seq_len=0"]),
+        ["data.seq_len=0 must be >= 2"]),
+    "negative_token_queries": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["token_queries=-1"]),
+        ["token_queries=-1 must be >= 0"]),
+    "nan_learning_rate": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["train.learning_rate=.nan"]),
+        ["train.learning_rate=nan must be a finite number > 0"]),
+    "seed_beyond_32_bits": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["seed=4294967296"]),
+        ["seed=4294967296 must lie in [0, 4294967295]"]),
+    "unreadable_size": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl", ["cache.memory_limit=lots"]),
+        ["cache.memory_limit='lots' is not a size; write e.g. 24GiB"]),
+    # The model, its tokenizer, and where the outputs go.
+    "foreign_tokenizer": (
+        lambda m, d, t: (m, d / "train.jsonl", d / "queries.jsonl",
+                         ["--tokenizer", str(_foreign_tokenizer(t))]),
+        ["other_tok is not the one the model was trained with", "tokens have another id",
+         "omit --tokenizer to use the model's, or pass --force-tokenizer"]),
+    "model_is_a_file": (
+        lambda m, d, t: (m / "config.json", d / "train.jsonl", d / "queries.jsonl", []),
+        ["config.json is a file, not a directory; pass the model directory"]),
 }
 
 # Cases that damage a copy of the model directory: case -> (edit (copy, tmp), phrases). An edit
@@ -206,7 +300,21 @@ MODEL_CASES = {
         lambda m, t: ["--tokenizer", str(_bigger_tokenizer(m, t))],
         ["tokenizer has 320 tokens but the model's embedding has 300 rows",
          "pass the tokenizer saved with the model"]),
+    "rope_theta_zero": (
+        lambda m, t: _edit_config_json(m, rope_parameters={"rope_type": "default",
+                                                           "rope_theta": 0}),
+        ["config.json holds a value stride-jax cannot use",
+         "rope_theta=0.0 must be a positive finite number", "re-download or re-export"]),
+    "config_json_lacks_a_setting": (
+        lambda m, t: _drop_config_key(m, "vocab_size"),
+        ["config.json lacks the setting 'vocab_size'", "re-download or re-export the model"]),
 }
+
+
+def _drop_config_key(model: Path, key: str) -> None:
+    hf = json.loads((model / "config.json").read_text())
+    del hf[key]
+    (model / "config.json").write_text(json.dumps(hf))
 
 
 def _attribute(model, train, queries, out, extra) -> list[str]:
@@ -385,3 +493,388 @@ def test_evaluate_on_a_full_disk(groundtruth, tmp_path, monkeypatch, capsys):
     assert "the previous lds.json, if any, is intact" in err, err
     assert out.read_text() == "previous result\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lds.json", "scores.npy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output locations: checked before any work, stamped, locked, cleared by --overwrite
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def done_run(tiny, tmp_path_factory):
+    """A finished run whose training file is JSON Lines named train.json, with tokens.json."""
+    model_dir, data = tiny
+    root = tmp_path_factory.mktemp("done")
+    train = shutil.copy(data / "train.jsonl", root / "train.json")
+    args = _attribute(model_dir, train, data / "queries.jsonl", root / "run", ["token_queries=1"])
+    assert main(["-q", *args]) == 0
+    return root / "run", args
+
+
+def test_jsonl_named_json_is_read_as_jsonl(done_run):
+    run, _ = done_run
+    ids = json.loads((run / "ids.json").read_text())
+    assert ids["train"] == [f"d{i}" for i in range(120)]   # 120 documents, not text chunks
+    assert np.load(run / "scores.npy").shape == (3, 120)
+
+
+def _read_only(root: Path) -> None:
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode & ~0o222)
+
+
+def _writable(root: Path) -> None:
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+@pytest.mark.parametrize("command", ["attribute", "report", "select"])
+def test_read_only_completed_run_is_refused_before_any_work(done_run, tmp_path, capsys, command):
+    run, args = done_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    _read_only(copy)
+    try:
+        if command == "attribute":
+            argv = [*args[:args.index("--out") + 1], str(copy), *args[args.index("--out") + 2:]]
+        elif command == "report":
+            argv = ["report", str(copy)]
+        else:
+            argv = ["select", "--run", str(copy), "--k", "3"]
+        err = _fails(argv, capsys)
+    finally:
+        _writable(copy)
+    assert f"{copy} is read-only; make it writable (chmod -R u+w {copy}) or pass" in err, err
+
+
+OUT_CASES = {
+    "existing_file": (lambda t: _write(t / "run", "not a directory"),
+                      "run is a file, not a directory; pass a directory"),
+    "under_proc": (lambda t: Path("/proc/stride-jax-test/run"),
+                   "is under /proc, a file system of the kernel, not a disk; pass a path on disk"),
+    "read_only_directory": (lambda t: _read_only_dir(t) / "run",
+                            "ro is read-only; make it writable"),
+    "under_a_file": (lambda t: _write(t / "afile", "x") / "run",
+                     "afile is a file, so nothing can be created under it"),
+}
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+@pytest.mark.parametrize("case", list(OUT_CASES))
+def test_output_directory_refused_before_any_work(tiny, tmp_path, capsys, case):
+    """Every command that writes a directory checks it first, with the same message."""
+    model_dir, data = tiny
+    make, phrase = OUT_CASES[case]
+    out = make(tmp_path)
+    commands = [_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", out, []),
+                ["pretrain", "--out", str(out)], ["demo", "--out", str(out)],
+                ["groundtruth", "--out", str(out)], ["score", "--method", "bm25", "--out", str(out)],
+                ["contamination", "--out", str(out)], ["export-smollm2", "--out", str(out)]]
+    try:
+        for argv in commands:
+            err = _fails(argv, capsys)
+            assert f"--out {out}" in err and phrase in err, err
+    finally:
+        if case == "read_only_directory":
+            (tmp_path / "ro").chmod(0o755)
+
+
+def test_empty_output_path_is_one_line(tiny, capsys):
+    model_dir, data = tiny
+    with pytest.raises(SystemExit) as e:
+        main(["-q", *_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", "", [])])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "stride-jax attribute: error: argument --out: an empty path" in err, err
+
+
+def test_file_outputs_given_a_directory(done_run, groundtruth, tmp_path, capsys):
+    run, _ = done_run
+    err = _fails(["select", "--run", str(run), "--k", "3", "--out", str(tmp_path)], capsys)
+    assert f"--out {tmp_path} is a directory; pass a file name, e.g. " in err, err
+    gt, w = groundtruth
+    save_npy(tmp_path / "scores.npy", w.astype(np.float32))
+    err = _fails(["evaluate", "--scores", str(tmp_path / "scores.npy"), "--groundtruth", str(gt),
+                  "--json", str(tmp_path)], capsys)
+    assert f"--json {tmp_path} is a directory; pass a file name, e.g. {tmp_path / 'lds.json'}" \
+        in err, err
+
+
+def test_overwrite_with_new_data_leaves_no_stale_output(done_run, tmp_path, capsys):
+    """--overwrite clears every output of the earlier run: a tokens.json, a report or a selection
+    the new run does not write must not survive next to its new scores."""
+    run, args = done_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["-q", "report", str(copy)]) == 0
+    assert main(["-q", "select", "--run", str(copy), "--k", "3"]) == 0
+    capsys.readouterr()
+    half = _lines(Path(args[args.index("--train") + 1]), tmp_path / "half.jsonl", 60)
+    at = args.index("--train")
+    new = [*args[:at + 1], str(half), *args[at + 2:]]
+    new[new.index("--out") + 1] = str(copy)
+    new[new.index("token_queries=1")] = "token_queries=0"
+    err = _fails(new, capsys)   # another training set: refused, nothing removed
+    assert "holds outputs made with other arguments or inputs" in err, err
+    assert "config.token_queries: 1 -> 0" in err and "train.size:" in err, err
+    assert "--overwrite to replace them" in err, err
+    assert (copy / "tokens.json").is_file() and (copy / "report.html").is_file()
+    assert main(["-q", *new, "--overwrite"]) == 0
+    names = {p.name for p in copy.iterdir()}
+    for stale in ("tokens.json", "report.html", "selected.jsonl"):
+        assert stale not in names, names
+    assert json.loads((copy / "ids.json").read_text())["train"] == [f"d{i}" for i in range(60)]
+    assert len(list((copy / "responses").iterdir())) == 1
+    assert len(list((copy / "solve").iterdir())) == 1
+    assert json.loads((copy / "run.json").read_text())["complete"] is True
+
+
+def test_second_process_on_one_out_meets_the_lock(tiny, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from stride_jax.io.outdir import "
+         "lock_output_dir\nwith lock_output_dir(sys.argv[1], 'attribute'):\n"
+         "    print('locked', flush=True); time.sleep(600)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _fails(_attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", out, []),
+                     capsys)
+        assert f"{out} is in use by another stride-jax process (pid {holder.pid} on " in err, err
+        assert "wait for it to finish, or pass another --out" in err, err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The killed holder's lock file stays behind; the next process takes it over.
+    from stride_jax.io.outdir import LOCK_FILE, lock_output_dir
+    assert (out / LOCK_FILE).is_file()
+    t0 = time.perf_counter()
+    with lock_output_dir(out, "attribute"):
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == __import__("os").getpid()
+    assert time.perf_counter() - t0 < 5 and not (out / LOCK_FILE).exists()
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tiny, tmp_path, capsys, monkeypatch):
+    from stride_jax.train._checkpoint import OperatorCheckpointer
+    model_dir, data = tiny
+    save = OperatorCheckpointer.save
+
+    def save_then_interrupt(self, step, state):
+        save(self, step, state)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(OperatorCheckpointer, "save", save_then_interrupt)
+    args = _attribute(model_dir, data / "train.jsonl", data / "queries.jsonl", tmp_path / "run",
+                      ["train.subsets_per_step=10", "train.checkpoint_every=1", "train.epochs=2"])
+    assert main(["-q", *args]) == 130
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == ("stride-jax attribute: interrupted at operator training step 2 of 6; a "
+                        "rerun resumes from step 2, its last checkpoint; rerun the same command "
+                        "to resume (finished stages and checkpoints are kept)"), err
+    monkeypatch.setattr(OperatorCheckpointer, "save", save)
+    assert main(["-q", *args]) == 0
+    history = json.loads((tmp_path / "run" / "operators" / "history.json").read_text())
+    assert [p["step"] for p in history][0] >= 2   # resumed, not restarted
+
+
+def test_pretrain_over_an_existing_model(tiny, tmp_path, capsys):
+    """Refused without --overwrite; with it, every file of the old model goes (a stale shard or
+    the demo's old fingerprint would otherwise be read as part of the new model)."""
+    from stride_jax.recipes.pretrain import finished_pretrain as reusable_model
+    from stride_jax.config import dump_config
+    model = _model_copy(tiny[0], tmp_path)
+    stale = [_write(model / "recipe.fingerprint", "0" * 64 + "\n"),
+             _write(model / "model-00002-of-00002.safetensors", b"stale shard")]
+    cfg = tmp_path / "tiny.yaml"
+    dump_config(TINY, cfg)
+    err = _fails(["pretrain", "--config", str(cfg), "--out", str(model), "seed=1"], capsys)
+    assert f"{model} holds outputs made with other arguments or inputs (recipe.seed: 0 -> 1)" \
+        in err, err
+    assert reusable_model(model, TINY) and not reusable_model(model, _seed(TINY, 1))
+    assert main(["-q", "pretrain", "--config", str(cfg), "--out", str(model), "seed=1",
+                 "--overwrite"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert reusable_model(model, _seed(TINY, 1)) and not reusable_model(model, TINY)
+    (model / "model.safetensors").unlink()   # a model that is no longer there is never reused
+    assert not reusable_model(model, _seed(TINY, 1))
+
+
+def _seed(cfg, seed: int):
+    import dataclasses
+    return dataclasses.replace(cfg, seed=seed)
+
+
+@pytest.mark.parametrize("setting, phrase", [
+    ("optim.epochs=-1", "optim.epochs=-1.0 must be > 0; a model trained for no step is the "
+                        "random initialisation"),
+    ("optim.epochs=0", "optim.epochs=0.0 must be > 0"),
+    ("corpus.seq_len=0", "corpus.seq_len=0 must be >= 2"),
+    ("optim.b2=1.5", "optim.b2=1.5 must lie in [0, 1)"),
+    ("arch.num_kv_heads=3", "arch.num_heads=4 is not a multiple of num_kv_heads=3"),
+])
+def test_pretrain_refuses_nonsense_settings(tmp_path, capsys, setting, phrase):
+    err = _fails(["pretrain", "--out", str(tmp_path / "m"), setting], capsys)
+    assert phrase in err, err
+    assert not (tmp_path / "m").exists()   # refused before any work
+
+
+def test_three_training_documents_with_the_automatic_design(tiny, tmp_path, capsys):
+    """n=3 with K and d left to their defaults: the automatic design adapts (no "lower K or
+    raise d" for settings the user never made), and the scores are finite."""
+    model_dir, data = tiny
+    train = _lines(data / "train.jsonl", tmp_path / "three.jsonl", 3)
+    out = tmp_path / "run"
+    assert main(["-q", "attribute", "--model", str(model_dir), "--train", str(train),
+                 "--queries", str(data / "queries.jsonl"), "--out", str(out),
+                 "train.epochs=1", "token_queries=0"]) == 0
+    scores = np.load(out / "scores.npy")
+    assert scores.shape == (3, 3) and np.isfinite(scores).all()
+    design = np.load(out / "design" / "design.npz")
+    assert int(design["shape"][0]) == 80 and np.bincount(design["rows"], minlength=80).min() >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN never reaches a file; misleading inputs get the right message
+# ---------------------------------------------------------------------------------------------
+
+def test_nan_is_refused_by_every_writer(tmp_path):
+    from stride_jax.attributor import Attribution
+    from stride_jax.io.atomic import write_json
+    with pytest.raises(FloatingPointError, match=r"refusing to write .*a.npy: 1 of its 3 values "
+                                                 r"\(first at index \(1,\)\) is NaN or infinite"):
+        save_npy(tmp_path / "a.npy", np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(FloatingPointError, match=r"b.json: the value at x.1 is NaN or infinite"):
+        write_json(tmp_path / "b.json", {"x": [1.0, float("inf")]})
+    scores = np.array([[0.1, np.nan]], np.float32)
+    result = Attribution(scores, ["q"], ["a", "b"], np.zeros((1, 4)), np.ones(1), np.ones(1),
+                         np.zeros(1))
+    with pytest.raises(FloatingPointError, match="1 scores value\\(s\\) are NaN or infinite "
+                                                 "\\(first: query 'q'\\)"):
+        result.write(tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []   # nothing at all was written
+
+
+def test_one_training_row_is_refused_by_the_python_api():
+    from stride_jax.attributor import AttributeConfig, Attributor
+    from stride_jax.config import ConfigError
+    from stride_jax.model.config import tiny_llama
+    from stride_jax.model.transformer import init_model
+    from _tiny import random_rows
+    model = init_model(tiny_llama(vocab_size=64, hidden_size=16, num_heads=2, num_kv_heads=1,
+                                  head_dim=8, intermediate_size=32, num_layers=2), seed=0)
+    with pytest.raises(ConfigError, match="needs at least 2 training rows"):
+        Attributor(model, random_rows(1, 8, 64, 0), AttributeConfig(), progress=False)
+
+
+def test_byte_order_marks_are_accepted(tiny, tmp_path):
+    from stride_jax.attributor import AttributeConfig
+    from stride_jax.config import load_config
+    from stride_jax.tokenizer import tokenizer_fingerprint
+    model = _model_copy(tiny[0], tmp_path)
+    for name in ("config.json", "tokenizer.json"):
+        _write(model / name, b"\xef\xbb\xbf" + (model / name).read_bytes())
+    assert from_hf(model).config.vocab_size == 300
+    assert tokenizer_fingerprint(load_tokenizer(model)) == \
+        tokenizer_fingerprint(load_tokenizer(tiny[0]))
+    cfg = _write(tmp_path / "c.yaml", b"\xef\xbb\xbfseed: 3\n")
+    assert load_config(AttributeConfig, cfg).seed == 3
+
+
+def test_tokenizer_tie_forced_and_unverifiable(tiny, tmp_path, caplog):
+    from stride_jax.tokenizer import check_model_tokenizer
+    model = _model_copy(tiny[0], tmp_path)
+    other = load_tokenizer(_foreign_tokenizer(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="stride_jax.tokenizer"):
+        check_model_tokenizer(other, model, source="other", force=True)
+    assert "is not the one the model was trained with" in caplog.text
+    assert "using it anyway (--force-tokenizer)" in caplog.text
+    # Without its tokenizer.json, the fingerprint stored with the model still tells.
+    (model / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"stride_jax.json\); a model only understands"):
+        check_model_tokenizer(other, model, source="other")
+    check_model_tokenizer(load_tokenizer(tiny[0]), model, source="own")   # its own passes
+    (model / "stride_jax.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stride_jax.tokenizer"):
+        check_model_tokenizer(other, model, source="other")
+    assert "cannot check that the tokenizer other belongs to the model" in caplog.text
+
+
+def test_implausible_base_loss_is_warned():
+    from stride_jax.measure import implausible_base_loss
+    v = 2048
+    assert implausible_base_loss(np.array([5.31, 5.2]), v) is None    # a trained model
+    msg = implausible_base_loss(np.array([7.18, 7.2]), v)             # another tokenizer
+    assert msg.startswith("the base model's mean loss on the queries is 7.19 nats per token, "
+                          "close to ln(V) = 7.62"), msg
+    assert "Check that the tokenizer is the model's own" in msg
+    assert "above ln(V)" in implausible_base_loss(np.array([9.0]), v)
+
+
+@pytest.mark.parametrize("case,phrase", [
+    ("strings", "holds text (dtype <U3), not real-valued scores; pass the scores.npy"),
+    ("nan", "holds 1 NaN/inf score(s) of 12"),
+    # --scores takes a run directory too (Attribution.load); this one holds no scores
+    ("directory", "has no scores.npy; pass the scores.npy written by `stride-jax attribute`"),
+])
+def test_evaluate_scores_that_are_not_numbers(groundtruth, tmp_path, capsys, case, phrase):
+    gt, w = groundtruth
+    scores = tmp_path / "scores.npy"
+    if case == "strings":
+        np.save(scores, np.full((2, 6), "abc"))
+    elif case == "nan":
+        bad = w.copy()
+        bad[1, 2] = np.nan
+        np.save(scores, bad)
+    else:
+        scores = tmp_path
+    err = _fails(["evaluate", "--scores", str(scores), "--groundtruth", str(gt)], capsys)
+    assert phrase in err, err
+
+
+def test_overwrite_never_removes_another_commands_outputs(tiny, tmp_path, capsys):
+    """`attribute --out` naming the model directory, even with --overwrite, must not delete the
+    model it reads."""
+    model_dir, data = tiny
+    model = _model_copy(model_dir, tmp_path)
+    before = sorted(p.name for p in model.iterdir())
+    err = _fails(_attribute(model, data / "train.jsonl", data / "queries.jsonl", model,
+                            ["--overwrite"]), capsys)
+    assert (f"{model} holds the outputs of `stride-jax pretrain`; pass another --out "
+            f"(--overwrite only replaces outputs of `stride-jax attribute`)") in err, err
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_a_file_where_a_directory_is_expected_and_back(groundtruth, tmp_path, capsys):
+    gt, w = groundtruth
+    a_file = _write(tmp_path / "notes.json", "{}")
+    save_npy(tmp_path / "scores.npy", w.astype(np.float32))
+    cases = [
+        (["evaluate", "--scores", str(tmp_path / "scores.npy"), "--groundtruth", str(a_file)],
+         "notes.json is a file, not a ground-truth directory; pass the --out directory of "
+         "`stride-jax groundtruth`"),
+        (["select", "--run", str(a_file), "--k", "1"],
+         "notes.json is a file, not a run directory; pass the --out directory of"),
+        (["report", str(a_file)], "notes.json is a file, not a run directory"),
+        (["groundtruth", "--out", str(tmp_path / "gt"), "--config", str(tmp_path)],
+         f"{tmp_path} is a directory, not a config file; pass a YAML file"),
+    ]
+    for argv, phrase in cases:
+        err = _fails(argv, capsys)
+        assert phrase in err, err

@@ -290,3 +290,44 @@ def test_partial_nested_override_keeps_the_fields_own_default():
     assert got.digits.optim.batch_size == 8
     assert dataclasses.replace(got.digits.optim, batch_size=base.digits.optim.batch_size) == \
         base.digits.optim
+
+
+def _numeric_keys(cls):
+    """Dotted keys of every int/float (or optional int/float) setting under ``cls``."""
+    import typing
+
+    from stride_jax.config import _walk
+    for key, _, tp in _walk(cls):
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if len(args) == 1 and args[0] in (int, float):
+            yield key, args[0]
+
+
+ROOT_CONFIGS = ["stride_jax.attributor:AttributeConfig", "stride_jax.recipes:PretrainConfig",
+                "stride_jax.eval.suite:TaskConfig",
+                "stride_jax.tasks.contamination:ContaminationConfig",
+                "stride_jax.tasks.selection:SelectionTaskConfig"]
+
+
+@pytest.mark.parametrize("root", ROOT_CONFIGS)
+def test_every_numeric_setting_is_range_checked_when_loaded(root):
+    """No numeric setting accepts -1, and no float setting NaN or infinity: each is refused when
+    the config is loaded, naming its dotted key (Python users get the same check)."""
+    import importlib
+
+    from stride_jax.config import ConfigError, load_config
+    module, name = root.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    keys = list(_numeric_keys(cls))
+    assert len(keys) >= 5, keys
+    for key, tp in keys:
+        values = ["-1"] + ([".nan", ".inf"] if tp is float else [])
+        for value in values:
+            with pytest.raises(ConfigError) as e:
+                load_config(cls, None, [f"{key}={value}"])
+            msg = str(e.value)
+            # "train.epochs=0 must be ...", or (solve's own checks) "invalid SolveConfig at
+            # stride.solve: lam must be positive ..."
+            section, _, leaf = key.rpartition(".")
+            assert f"{key}=" in msg or (f"at {section}:" in msg and leaf in msg), (key, value, msg)
+    load_config(cls)   # the defaults themselves are in range

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 
@@ -15,6 +16,8 @@ from stride_jax.data import (
     DataError,
     Document,
     TokenizedSet,
+    detect_format,
+    iter_documents,
     list_plays,
     read_dir,
     read_documents,
@@ -367,3 +370,80 @@ def test_unknown_play_and_missing_package(monkeypatch):
         monkeypatch.undo()
         _corpus._files.cache_clear()
     assert len(list_plays()) == 37
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats are decided by content, not by the file name
+
+
+@pytest.mark.parametrize("name", ["train.json", "train", "train.txt", "train.data"])
+def test_jsonl_is_detected_by_content_not_by_name(tmp_path, name):
+    docs = [Document("a", "one"), Document("b", " two", prompt="Q:")]
+    path = write_jsonl(docs, tmp_path / "x.jsonl").rename(tmp_path / name)
+    assert detect_format(path) == "jsonl"
+    assert read_documents(path) == docs
+    assert list(iter_documents(path)) == docs
+    # Forced text reads the file as one document, JSON syntax and all.
+    assert read_documents(path, format="text") == [Document(path.stem, path.read_text())]
+
+
+NOT_DOCUMENTS = {
+    "gzip": (gzip.compress(b'{"id": "a", "text": "x"}\n'),
+             "a gzip-compressed file, not JSON Lines or UTF-8 text; decompress it first"),
+    "zip": (b"PK\x03\x04rest", "a zip archive, not JSON Lines or UTF-8 text"),
+    "npy": (b"\x93NUMPY\x01\x00", "a NumPy array, not JSON Lines or UTF-8 text"),
+    "utf16": ('{"id": "a", "text": "x"}\n'.encode("utf-16"),
+              "UTF-16 text, not JSON Lines or UTF-8 text; re-encode it as UTF-8"),
+    "nul": (b"some text\x00more", "binary data (a NUL byte at byte offset 9)"),
+    "json array": ('[\n  {"id": "a", "text": "x"}\n]\n',
+                   "one JSON document (an array), not JSON Lines; write one JSON object per line"),
+    "rtf": ("{\\rtf1\\ansi hello}\n", "an RTF document, not JSON Lines or plain text"),
+}
+
+
+@pytest.mark.parametrize("ext", [".json", ".txt", ""])
+@pytest.mark.parametrize("case", list(NOT_DOCUMENTS))
+def test_neither_jsonl_nor_text_is_refused(tmp_path, case, ext):
+    content, phrase = NOT_DOCUMENTS[case]
+    path = _write(tmp_path, f"data{ext}", content)
+    for read in (read_documents, iter_documents):
+        with pytest.raises(DataError) as e:
+            read(path)
+        assert str(path) in str(e.value) and phrase in str(e.value), str(e.value)
+
+
+def test_a_sniffed_jsonl_file_says_how_to_read_it_as_text(tmp_path):
+    path = _write(tmp_path, "train.json", '{\n  "id": "a",\n  "text": "pretty-printed"\n}\n')
+    with pytest.raises(DataError, match=r"line 1: invalid JSON .*read as JSON Lines because its "
+                                        r"first line is a JSON object.*data.format=text"):
+        read_documents(path)
+
+
+def test_utf8_byte_order_mark_is_dropped(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    jsonl = _write(tmp_path, "q.jsonl", bom + b'{"id": "a", "text": "x"}\n')
+    sniffed = _write(tmp_path, "q", bom + b'{"id": "a", "text": "x"}\n')
+    text = _write(tmp_path, "t.txt", bom + b"plain")
+    assert read_documents(jsonl) == read_documents(sniffed) == [Document("a", "x")]
+    assert read_documents(text) == [Document("t", "plain")]
+
+
+def test_directory_names_the_files_it_skips(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("ay", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    (tmp_path / "more.jsonl").write_text('{"id": "x", "text": "y"}\n', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="stride_jax.data"):
+        assert read_dir(tmp_path) == [Document("a", "ay")]
+    assert "skipped 2 file(s) that are not .txt: more.jsonl, notes.md" in caplog.text
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(DataError, match=r"no \*\.txt files in this directory \(it holds "
+                                        r"more.jsonl, notes.md\)"):
+        read_documents(tmp_path)
+
+
+def test_jsonl_inside_a_directory_of_text_is_refused(tmp_path):
+    (tmp_path / "part.txt").write_text('{"id": "x", "text": "y"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="part.txt: holds JSON Lines"):
+        read_documents(tmp_path)
+    assert read_documents(tmp_path, format="text") == [
+        Document("part", '{"id": "x", "text": "y"}\n')]

@@ -82,11 +82,18 @@ def test_a_rerun_reuses_every_stage_and_tracin_without_checkpoints_is_graddot(ru
     assert "layers: 'blocks' -> 'mlp'" in capsys.readouterr().err
 
 
-def test_mixture_is_the_weighted_sum_of_per_query_zscores(runs, data):
+def test_mixture_is_the_weighted_sum_of_per_query_zscores(runs, data, capsys, caplog):
     graddot = np.load(runs / "graddot" / "scores.npy")
     bm25 = np.load(runs / "bm25" / "scores.npy")
-    out = runs / "bm25"          # reuses the bm25 stage; graddot is computed there
-    assert main(_args(data, out, "mix:bm25=0.5,graddot=2")) == 0
+    out = runs / "bm25"
+    # Another method in the same --out is another run: refused, naming the method ...
+    assert main(_args(data, out, "mix:bm25=0.5,graddot=2")) == 2
+    assert "method: 'bm25' -> 'mix:bm25=0.5,graddot=2'" in capsys.readouterr().err
+    # ... unless --overwrite, which keeps the stamped method stages: the bm25 stage is reused
+    # and graddot is computed there.
+    with caplog.at_level(logging.INFO, logger="stride_jax.methods"):
+        assert main(_args(data, out, "mix:bm25=0.5,graddot=2", "--overwrite")) == 0
+    assert f"reusing {out / 'methods' / 'bm25'}" in caplog.text, caplog.text
     want = mix_scores({"bm25": bm25, "graddot": graddot}, {"bm25": 0.5, "graddot": 2.0})
     np.testing.assert_allclose(np.load(out / "scores.npy"), want, rtol=1e-6, atol=1e-6)
     z = (graddot - graddot.mean(1, keepdims=True)) / graddot.std(1, keepdims=True)
@@ -99,7 +106,13 @@ def test_report_and_select_accept_a_method_run(runs, capsys):
     assert main(["report", str(runs / "ekfac")]) == 0
     page = (runs / "ekfac" / "report.html").read_text()
     assert "method <b>ekfac</b>" in page and "<dt>ekfac damping_fraction</dt>" in page
+    # Each query names what produced its scores (per_query.npz / topk.jsonl: estimator).
+    recs = [json.loads(x) for x in (runs / "ekfac" / "topk.jsonl").read_text().splitlines()]
+    assert {r["estimator"] for r in recs} == {"ekfac"}
+    assert page.count("nats/token · ekfac · ") == len(recs)
+    capsys.readouterr()
     assert main(["select", "--run", str(runs / "ekfac"), "--k", "5"]) == 0
+    assert "selected 5 examples (ekfac scores) by zscore" in capsys.readouterr().out
     sel = [json.loads(x) for x in (runs / "ekfac" / "selected.jsonl").read_text().splitlines()]
     assert len(sel) == 5
 
@@ -114,7 +127,7 @@ def test_bad_input(data, tmp_path, capsys, case):
                                         "weight",
               "self_influence": "--self-influence uses STRIDE's operators",
               "no_matching_layer": "layers='nothing' matches none of the model's 14 dense layers",
-              "negative_damping": "methods.ekfac.damping=-1.0 must be a finite number >= 0",
+              "negative_damping": "methods.ekfac.damping=-1.0 must be > 0",
               "missing_train_file": "nope.jsonl: no such file",
               "config_typo": "did you mean 'methods.ekfac.damping'",
               "memory_budget": "the ekfac stage needs about"}[case]

@@ -58,10 +58,10 @@ def reference(tmp_path_factory):
     from _parallel_worker import setup
 
     from stride_jax.attributor import Attributor, CacheConfig
-    from stride_jax.solve import SolveConfig
     model, train, queries, cfg = setup("logits")
     cfg = dataclasses.replace(cfg, cache=CacheConfig(location="disk"),
-                              solve=SolveConfig(query_chunk=2), scores="topk", topk=5)
+                              solve=dataclasses.replace(cfg.solve, query_chunk=2), scores="topk",
+                              topk=5)
     att = Attributor(model, train, cfg, workdir=tmp_path_factory.mktemp("one"), progress=False)
     ops = att.fit_operators()
     res = att.measure(queries)

@@ -88,7 +88,11 @@ def test_pretrain_writes_a_loadable_hf_directory(tmp_path):
 def test_nan_loss_stops_with_a_clear_error(small_corpus):
     tok, train, _ = small_corpus
     mcfg = model_config_for(SMALL.arch, vocab_size_of(tok), SMALL.corpus.seq_len)
-    bad = dataclasses.replace(SMALL.optim, learning_rate=float("nan"), epochs=0.05)
+    with pytest.raises(ValueError, match=r"learning_rate=nan must be a finite number > 0"):
+        dataclasses.replace(SMALL.optim, learning_rate=float("nan"))   # refused when made
+    # A NaN that gets past the config (here forced in) still stops training with an error.
+    bad = dataclasses.replace(SMALL.optim, epochs=0.05)
+    object.__setattr__(bad, "learning_rate", float("nan"))
     with pytest.raises(NonFiniteLossError, match="step"):
         train_lm(mcfg, train, bad, seed=0, progress=False, log_every=1)
 

@@ -223,6 +223,26 @@ def test_svg_helpers():
     assert svg_scatter_logx([LdsPoint("z", 0.0, 0.1)], title="s") == ""
 
 
+def test_a_closed_form_run_is_summarised_by_its_own_settings(tmp_path):
+    """A closed-form run trains nothing and has no subsets: the page shows its operators and
+    damping, and each query's estimator, never the unused K, d, epochs or solve estimator."""
+    from stride_jax import AttributeConfig, Attribution, with_overrides
+    from stride_jax.apps.report import config_summary
+    from stride_jax.config import to_dict
+    cfg = to_dict(with_overrides(AttributeConfig(), "closed_form.output_damping=0.05"))
+    summary = dict(config_summary(cfg, n=300))
+    assert summary["operators"] == "closed form" and summary["output damping"] == "0.05"
+    assert not {"K subsets", "per example d", "estimator", "epochs"} & set(summary)
+    trained = dict(config_summary({**cfg, "operators": "trained"}, n=300))
+    assert trained["K subsets"] == "375 (auto)" and "operators" not in trained
+    rng = np.random.default_rng(0)
+    Attribution(rng.normal(size=(2, 5)).astype(np.float32), ["q0", "q1"],
+                [f"t{i}" for i in range(5)], np.zeros((2, 0)), rng.random(2),
+                estimator_q=np.full(2, "closed_form")).write(tmp_path)
+    page = write_report(tmp_path).read_text(encoding="utf-8")
+    assert page.count("closed form") == 2 and "λ" not in page
+
+
 def test_cli_round_trip_and_errors(tmp_path, capsys):
     run = make_run(tmp_path, tokens=True)
     assert main(["report", str(run), "--max-queries", "1"]) == 0

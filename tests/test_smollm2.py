@@ -232,8 +232,8 @@ def test_export_to_hf_round_trip(reader, smol, batch, tmp_path):
     model, tok = smol
     out = sg.export_gguf_to_hf(reader, tmp_path / "smollm2")
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
-        "tokenizer_config.json"]
+        "config.json", "model.safetensors", "special_tokens_map.json", "stride_jax.json",
+        "tokenizer.json", "tokenizer_config.json"]
     again = from_hf(out)
     assert again.config == model.config
     ids, mask = batch

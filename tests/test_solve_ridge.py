@@ -78,7 +78,7 @@ def test_ridge_cv_matches_refits_on_the_lasso_folds(small, fit_intercept):
     K = design.num_subsets
     key = jax.random.key(7)
     cv = cross_validate_ridge(design, y_qk, folds=3, key=key, grid_size=5,
-                              fit_intercept=fit_intercept)
+                              fit_intercept=fit_intercept, refine=False)
     err = np.zeros_like(cv.cv_error_aq)
     for held in _fold_ids(K, 3, key):  # the Lasso CV's folds for this key
         train = np.setdiff1d(np.arange(K), held)
@@ -91,6 +91,72 @@ def test_ridge_cv_matches_refits_on_the_lasso_folds(small, fit_intercept):
     np.testing.assert_allclose(cv.cv_error_aq, err, rtol=1e-9)
     np.testing.assert_array_equal(cv.best_index_q, np.argmin(err, axis=0))
     np.testing.assert_array_equal(cv.alpha_q, cv.alphas_a[cv.best_index_q])
+
+
+def _sklearn_cv_error(dense, y_q, key, alpha, fit_intercept=True):
+    K = dense.shape[0]
+    err = 0.0
+    for held in _fold_ids(K, 3, key):
+        train = np.setdiff1d(np.arange(K), held)
+        m = sklearn_linear.Ridge(alpha=alpha * train.size / K,
+                                 fit_intercept=fit_intercept).fit(dense[train], y_q[train])
+        err += np.sum((y_q[held] - m.predict(dense[held])) ** 2) / K
+    return err
+
+
+def test_refined_alpha_minimises_the_cv_error(small):
+    design, y_qk = small
+    dense = design.to_dense(np.float64)
+    key = jax.random.key(7)
+    grid = cross_validate_ridge(design, y_qk, folds=3, key=key, grid_size=5, refine=False)
+    cv = cross_validate_ridge(design, y_qk, folds=3, key=key, grid_size=5)
+    np.testing.assert_array_equal(cv.cv_error_aq, grid.cv_error_aq)
+    for q in range(y_qk.shape[0]):
+        i = grid.best_index_q[q]
+        lo, hi = grid.alphas_a[min(i + 1, 4)], grid.alphas_a[max(i - 1, 0)]  # grid descends
+        assert lo <= cv.alpha_q[q] <= hi
+        # The reported error is the CV error at the refined alpha (refits by scikit-learn) ...
+        ref = _sklearn_cv_error(dense, y_qk[q], key, cv.alpha_q[q])
+        np.testing.assert_allclose(cv.cv_error_q[q], ref, rtol=1e-9)
+        # ... no worse than the grid's best, and a local minimum: nearby alphas do no better.
+        assert cv.cv_error_q[q] <= grid.cv_error_aq[i, q] * (1 + 1e-12)
+        for f in (0.98, 1.02):
+            assert ref <= _sklearn_cv_error(dense, y_qk[q], key, cv.alpha_q[q] * f) * (1 + 1e-9)
+
+
+def test_refined_alpha_is_continuous_in_the_responses(small):
+    """Where the grid argmin jumps between two grid points (their CV errors cross), a change of
+    the responses at float-rounding level must not move alpha, or the scores, by a grid step."""
+    design, y_qk = small
+    key = jax.random.key(7)
+    y = y_qk[:1]
+    # A grid of two points whose CV errors tie for this query: the two points bracket the
+    # continuous minimiser, and a bisection on their error difference finds the tie.
+    best = cross_validate_ridge(design, y, folds=3, key=key, grid_size=9).alpha_q[0]
+    hi = best * 4.0
+
+    def diff(lo):
+        e = cross_validate_ridge(design, y, folds=3, key=key, alphas=[hi, lo], refine=False)
+        return e.cv_error_aq[0, 0] - e.cv_error_aq[1, 0]
+
+    a, b = best / 8.0, best   # diff(a) < 0 (hi better), diff(b) > 0 (lo better)
+    assert diff(a) < 0 < diff(b)
+    for _ in range(60):       # bisection in log alpha down to float resolution: a tie
+        m = np.sqrt(a * b)
+        a, b = (m, b) if diff(m) < 0 else (a, m)
+    eps = 1e-9 * np.abs(y).max()
+    rng = np.random.default_rng(1)
+    alphas_raw, alphas_ref = [], []
+    for _ in range(6):
+        yp = y + eps * rng.normal(size=y.shape)
+        alphas_raw.append(cross_validate_ridge(design, yp, folds=3, key=key, alphas=[hi, a],
+                                               refine=False).alpha_q[0])
+        alphas_ref.append(cross_validate_ridge(design, yp, folds=3, key=key, alphas=[hi, a],
+                                               ).alpha_q[0])
+    # The grid choice flips between the two tied points (a factor of 4 apart) ...
+    assert len(set(alphas_raw)) == 2
+    # ... the refined one stays put.
+    assert np.ptp(np.log(alphas_ref)) < 1e-6
 
 
 def test_alpha_grid_relative_to_mean_eigenvalue(small):
@@ -135,8 +201,8 @@ def test_auto_picks_ridge_on_dense(planted):
     np.testing.assert_array_equal(out.intercept_q, ref.intercept_q)
     # both CVs are reported, the Lasso's included
     assert info["cv_error_lq"].shape == (10, 6) and info["ridge_cv_error_aq"].shape == (13, 6)
-    np.testing.assert_array_equal(
-        info["cv_error_ridge_q"], info["ridge_cv_error_aq"].min(axis=0))
+    # the ridge's error is that of its refined alpha, at most the grid's best
+    assert np.all(info["cv_error_ridge_q"] <= info["ridge_cv_error_aq"].min(axis=0))
     np.testing.assert_array_equal(info["cv_error_lasso_q"], info["cv_error_lq"].min(axis=0))
     assert info["lasso_lam_q"].shape == (6,) and np.all(info["converged_q"])
 
@@ -246,3 +312,21 @@ def test_ridge_validation(small):
     for est in ("ridge", "auto"):
         with pytest.raises(ValueError, match="needs key"):
             solve(design, y_qk, SolveConfig(estimator=est))
+
+
+def test_an_empty_lasso_choice_falls_back_and_is_recorded():
+    """Responses that are pure noise: the Lasso CV picks lambda_max (w = 0, all scores zero).
+    Such a query must not silently get all-zero scores."""
+    n, K = 200, 90
+    design = expander_design(n, K, 6, key=jax.random.key(4))
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(4, K))
+    lasso_cv = cross_validate_lambda(design, y, folds=3, key=jax.random.key(0), grid_size=10)
+    assert (lasso_cv.best_index_q == 0).any()          # the situation this test is about
+    for est in ("auto", "lasso"):
+        out = solve(design, y, SolveConfig(estimator=est, grid_size=10), key=jax.random.key(0))
+        fell = out.info["empty_fallback_q"]
+        assert fell.any()
+        assert np.all(np.abs(out.w_qn[fell]).sum(1) > 0), est
+        if est == "auto":
+            assert set(out.info["estimator_q"][fell]) == {"ridge"}

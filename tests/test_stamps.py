@@ -96,3 +96,77 @@ def test_overwrite_replaces_a_stale_stage(tmp_path):
     Attributor(model, train, other, workdir=tmp_path, overwrite=True, progress=False).fit_operators()
     stamp = json.loads((tmp_path / "operators" / "stamp.json").read_text())
     assert stamp["payload"]["seed"] == 1 and stamp["complete"] is True
+
+
+def _user_lm(seed: int):
+    """A user's own JAX model given as params + functions, without a fingerprint (issue 17)."""
+    import jax
+    import jax.numpy as jnp
+
+    from stride_jax.steering import LMFunctions
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    params = {"emb": jax.random.normal(k1, (64, 8)) * 0.5,
+              "out": jax.random.normal(k2, (8, 64)) * 0.5}
+    return LMFunctions(
+        params=params, features=lambda p, ids, mask: (p["emb"][ids], jnp.tanh(p["emb"][ids])),
+        head=lambda p, h: h @ p["out"], upper=None, d_reader=8, d_final=8, vocab_size=64,
+        max_len=8, layer=0, num_layers=1)
+
+
+@pytest.mark.parametrize("operators,stages", [
+    ("trained", ("design", "operators", "responses", "solve")),
+    ("closed_form", ("operators", "responses", "solve")),       # no subsets, no design
+])
+def test_a_retrained_user_model_never_reuses_the_old_models_scores(tmp_path, caplog, operators,
+                                                                    stages):
+    """Issue 17: LMFunctions without a fingerprint, another seed, the same workdir: the old
+    model's operators must be refused (naming the model), never silently reused."""
+    train, queries = random_rows(40, 8, 64, 0, "t"), random_rows(3, 8, 64, 1, "q")
+    cfg = dataclasses.replace(CFG, operators=operators,
+                              steering=dataclasses.replace(CFG.steering, layer=0))
+    first = Attributor(_user_lm(0), train, cfg, workdir=tmp_path, progress=False).attribute(queries)
+    with pytest.raises(StaleArtifactError, match=r"model: "):
+        Attributor(_user_lm(1), train, cfg, workdir=tmp_path, progress=False).attribute(queries)
+    second = Attributor(_user_lm(1), train, cfg, workdir=tmp_path, overwrite=True,
+                        progress=False).attribute(queries)
+    assert not np.array_equal(first.scores_qn, second.scores_qn)
+    # The same model again reuses every stage, and says so in the log: stage and stamp.
+    import logging
+    with caplog.at_level(logging.INFO, logger="stride_jax"):
+        again = Attributor(_user_lm(1), train, cfg, workdir=tmp_path,
+                           progress=False).attribute(queries)
+    np.testing.assert_array_equal(again.scores_qn, second.scores_qn)
+    reused = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
+    for stage in stages:
+        assert any(f"'{stage}'" in m and "stamp " in m for m in reused), (stage, reused)
+
+
+def test_a_user_supplied_fingerprint_is_stamped(tmp_path):
+    lm = dataclasses.replace(_user_lm(0), fingerprint="my-model-v1")
+    cfg = dataclasses.replace(CFG, steering=dataclasses.replace(CFG.steering, layer=0))
+    Attributor(lm, random_rows(40, 8, 64, 0, "t"), cfg, workdir=tmp_path,
+               progress=False).fit_operators()
+    stamp = json.loads((tmp_path / "operators" / "stamp.json").read_text())
+    assert stamp["payload"]["model"] == "my-model-v1"
+
+
+def test_params_fingerprint_sees_every_value():
+    """A change anywhere in the parameters (here one value of a large leaf that a strided
+    sample would skip, keeping the sum) changes the fingerprint."""
+    from stride_jax.steering import params_fingerprint
+    a = np.zeros((1000, 100), np.float32)
+    a[0, 1], a[0, 2] = 1.0, -1.0
+    b = np.zeros_like(a)
+    b[0, 3], b[0, 4] = 1.0, -1.0
+    assert params_fingerprint({"w": a}) != params_fingerprint({"w": b})
+    assert params_fingerprint({"w": a}) == params_fingerprint({"w": a.copy()})
+    assert params_fingerprint({"w": a}) != params_fingerprint({"v": a})
+
+
+def test_a_damaged_stamp_is_a_one_line_error_and_overwrite_replaces_it(tmp_path):
+    from stride_jax.io.stamps import open_stage
+    open_stage(tmp_path / "s", "design", {"a": 1})
+    (tmp_path / "s" / "stamp.json").write_text("{not json")
+    with pytest.raises(StaleArtifactError, match="is not a stage stamp"):
+        open_stage(tmp_path / "s", "design", {"a": 1})
+    assert open_stage(tmp_path / "s", "design", {"a": 1}, overwrite=True) is False

@@ -260,7 +260,7 @@ def pretrained(tmp_path_factory):
 
 
 def test_row_texts_is_lazy(pretrained):
-    from stride_jax.cli import row_texts
+    from stride_jax.tokenizer import row_texts
     res, _ = pretrained
     rows = res.corpus.train.subset(range(5))
     texts = row_texts(rows, res.tokenizer)

@@ -13,6 +13,7 @@ from stride_jax.subsets import (
     bernoulli_design,
     default_num_subsets,
     expander_design,
+    fill_empty_subsets,
 )
 
 
@@ -224,3 +225,21 @@ def test_default_num_subsets():
             assert d <= K <= min(1000, n * d) or (K == n * d)
     with pytest.raises(ValueError):
         default_num_subsets(0, 10)
+
+
+def test_automatic_design_fills_empty_subsets_for_small_n():
+    """K from default_num_subsets leaves subsets empty for a small n (a subset is empty with
+    probability (1 - d/K)^n); fill_empty moves memberships so none is, keeping every example in
+    exactly d subsets. A design without empty subsets is unchanged."""
+    n, d = 3, 40
+    K = default_num_subsets(n, d)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="lower K or raise d"):
+        expander_design(n, K, d, key=key)
+    design = expander_design(n, K, d, key=key, fill_empty=True)
+    assert design.subset_sizes.min() >= 1
+    np.testing.assert_array_equal(design.example_counts, np.full(n, d))
+    full = Design.from_dense(np.array([[1, 0], [0, 1], [1, 1]]))
+    assert fill_empty_subsets(full) is full
+    moved = fill_empty_subsets(Design.from_dense(np.array([[1, 1], [0, 0], [1, 0]])))
+    np.testing.assert_array_equal(moved.to_dense(np.int64), [[1, 0], [0, 1], [1, 0]])

@@ -52,6 +52,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import ConfigError, DataError
 
 __all__ = ["inject", "replica_recall", "hit_at_k", "detection", "query_statistic", "roc_auc",
            "average_precision", "combine", "audit_scores", "format_table"]
@@ -71,18 +72,18 @@ def _copies_of(copies, leaked: np.ndarray, num_queries: int) -> np.ndarray:
     elif isinstance(copies, Mapping):
         for q in leaked:
             if int(q) not in copies:
-                raise ValueError(f"copies has no entry for leaked query {int(q)}")
+                raise ConfigError(f"copies has no entry for leaked query {int(q)}")
             out[q] = int(copies[int(q)])
     else:
         arr = np.asarray(copies, np.int64)
         if arr.shape != (num_queries,):
-            raise ValueError(f"copies must be an int, a mapping query -> copies, or a sequence "
-                             f"indexed by query of length {num_queries}; got shape {arr.shape}")
+            raise ConfigError(f"copies must be an int, a mapping query -> copies, or a sequence "
+                              f"indexed by query of length {num_queries}; got shape {arr.shape}")
         out[leaked] = arr[leaked]
     if (out[leaked] < 1).any():
         bad = int(leaked[np.argmin(out[leaked])])
-        raise ValueError(f"leaked query {bad} has {int(out[bad])} copies; each leaked query needs "
-                         f"at least 1")
+        raise ConfigError(f"leaked query {bad} has {int(out[bad])} copies; each leaked query needs "
+                          f"at least 1")
     return out
 
 
@@ -113,18 +114,18 @@ def inject(train_rows: TokenizedSet, query_rows: TokenizedSet, leaked, copies,
     """
     Q, n = len(query_rows), len(train_rows)
     if query_rows.seq_len != train_rows.seq_len:
-        raise ValueError(f"queries have seq_len {query_rows.seq_len} but training rows "
-                         f"{train_rows.seq_len}; a replica must be a training row")
+        raise ConfigError(f"queries have seq_len {query_rows.seq_len} but training rows "
+                          f"{train_rows.seq_len}; a replica must be a training row")
     if (query_rows.targets is None) != (train_rows.targets is None):
-        raise ValueError("queries and training rows must both have targets or both not")
+        raise ConfigError("queries and training rows must both have targets or both not")
     lk = np.asarray(leaked)
     if lk.dtype == bool:
         if lk.shape != (Q,):
-            raise ValueError(f"a boolean leaked mask needs {Q} entries; got {lk.shape}")
+            raise ConfigError(f"a boolean leaked mask needs {Q} entries; got {lk.shape}")
         lk = np.flatnonzero(lk)
     lk = np.unique(lk.astype(np.int64))
     if lk.size and (lk.min() < 0 or lk.max() >= Q):
-        raise ValueError(f"leaked query indices must lie in [0, {Q})")
+        raise ConfigError(f"leaked query indices must lie in [0, {Q})")
     cnt = _copies_of(copies, lk, Q)
     src_q = np.repeat(lk, cnt[lk])                   # query of each replica, grouped by query
     rep_j = np.concatenate([np.arange(c) for c in cnt[lk]]) if lk.size else np.zeros(0, np.int64)
@@ -145,8 +146,8 @@ def inject(train_rows: TokenizedSet, query_rows: TokenizedSet, leaked, copies,
     new_ids = [f"{id_prefix}{query_rows.ids[q]}:{j}" for q, j in zip(src_q, rep_j)]
     clash = [i for i in new_ids if i in taken]
     if clash or len(set(new_ids)) != len(new_ids):
-        raise ValueError(f"replica id {clash[0] if clash else new_ids[0]!r} clashes with another "
-                         f"row id; pass another id_prefix")
+        raise ConfigError(f"replica id {clash[0] if clash else new_ids[0]!r} clashes with another "
+                          f"row id; pass another id_prefix")
     out_ids = [ids[s] if s >= 0 else new_ids[-1 - s] for s in source]
     out_src = [src_ids[s] if s >= 0 else f"{id_prefix}{query_rows.source_ids[src_q[-1 - s]]}"
                for s in source]
@@ -161,8 +162,8 @@ def inject(train_rows: TokenizedSet, query_rows: TokenizedSet, leaked, copies,
     loss_mask = gather(train_rows.loss_mask, query_rows.loss_mask)
     if noise:
         if train_rows.targets is not None:
-            raise ValueError("noise perturbs token rows; rows with explicit targets (a "
-                             "classifier's) take exact copies only")
+            raise ConfigError("noise perturbs token rows; rows with explicit targets (a "
+                              "classifier's) take exact copies only")
         _perturb(input_ids, loss_mask, where, train_rows, rng, noise)
     rows = TokenizedSet(
         ids=out_ids,
@@ -185,11 +186,11 @@ def _perturb(input_ids: np.ndarray, loss_mask: np.ndarray, rows_at: np.ndarray,
              train_rows: TokenizedSet, rng: np.random.Generator, noise: float) -> None:
     """Replace ``round(noise * m)`` scored tokens of each row in ``rows_at`` (in place)."""
     if not 0.0 <= noise <= 1.0:
-        raise ValueError(f"noise={noise} must lie in [0, 1]")
+        raise ConfigError(f"noise={noise} must lie in [0, 1]")
     tgt = train_rows.input_ids[:, 1:][train_rows.loss_mask[:, :-1] > 0]
     vocab, counts = np.unique(tgt, return_counts=True)
     if vocab.size < 2:
-        raise ValueError("the training rows hold fewer than 2 distinct tokens; cannot add noise")
+        raise ConfigError("the training rows hold fewer than 2 distinct tokens; cannot add noise")
     p = counts / counts.sum()
     for r in rows_at:
         pos = _scored_positions(loss_mask[r])
@@ -211,9 +212,9 @@ def _perturb(input_ids: np.ndarray, loss_mask: np.ndarray, rows_at: np.ndarray,
 def _check_scores(scores_qn) -> np.ndarray:
     s = np.asarray(scores_qn, np.float64)
     if s.ndim != 2:
-        raise ValueError(f"scores must be [queries, examples]; got shape {s.shape}")
+        raise DataError(f"scores must be [queries, examples]; got shape {s.shape}")
     if not np.isfinite(s).all():
-        raise ValueError("scores hold NaN or inf values")
+        raise DataError("scores hold NaN or inf values")
     return s
 
 
@@ -222,14 +223,14 @@ def _check_map(replica_map: ReplicaMap, Q: int, n: int) -> dict[int, np.ndarray]
     for q, idx in replica_map.items():
         idx = np.unique(np.asarray(idx, np.int64))
         if not 0 <= int(q) < Q:
-            raise ValueError(f"replica_map names query {q}, outside [0, {Q})")
+            raise ConfigError(f"replica_map names query {q}, outside [0, {Q})")
         if idx.size == 0:
-            raise ValueError(f"query {q} has no replicas in replica_map")
+            raise ConfigError(f"query {q} has no replicas in replica_map")
         if idx.min() < 0 or idx.max() >= n:
-            raise ValueError(f"replica indices of query {q} must lie in [0, {n})")
+            raise ConfigError(f"replica indices of query {q} must lie in [0, {n})")
         out[int(q)] = idx
     if not out:
-        raise ValueError("replica_map is empty: no leaked query to evaluate")
+        raise ConfigError("replica_map is empty: no leaked query to evaluate")
     return dict(sorted(out.items()))
 
 
@@ -238,7 +239,7 @@ def _key(s: np.ndarray, by: By) -> np.ndarray:
         return s
     if by == "abs":
         return np.abs(s)
-    raise ValueError(f"by={by!r}; use 'score' or 'abs'")
+    raise ConfigError(f"by={by!r}; use 'score' or 'abs'")
 
 
 def _top_split(s: np.ndarray, k: int):
@@ -332,7 +333,7 @@ def hit_at_k(scores_qn, replica_map: ReplicaMap, k: int = 10, *, by: By = "score
     queries of ``1 - C(n - R_q, k) / C(n, k)``).
     """
     if k < 1:
-        raise ValueError(f"k={k} must be >= 1")
+        raise ConfigError(f"k={k} must be >= 1")
     s = _key(_check_scores(scores_qn), by)
     Q, n = s.shape
     rmap = _check_map(replica_map, Q, n)
@@ -367,7 +368,7 @@ def _labels(labels) -> np.ndarray:
     y = np.asarray(labels)
     if y.dtype != bool:
         if not np.isin(y, (0, 1)).all():
-            raise ValueError("labels must be boolean or 0/1")
+            raise ConfigError("labels must be boolean or 0/1")
         y = y.astype(bool)
     return y
 
@@ -379,7 +380,7 @@ def roc_auc(labels, score) -> float:
     """
     y, s = _labels(labels), np.asarray(score, np.float64)
     if y.shape != s.shape or y.ndim != 1:
-        raise ValueError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
+        raise ConfigError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
     P, N = int(y.sum()), int((~y).sum())
     if P == 0 or N == 0:
         return float("nan")
@@ -393,7 +394,7 @@ def average_precision(labels, score) -> float:
     ``average_precision_score``. ``nan`` without positives."""
     y, s = _labels(labels), np.asarray(score, np.float64)
     if y.shape != s.shape or y.ndim != 1:
-        raise ValueError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
+        raise ConfigError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
     P = int(y.sum())
     if P == 0:
         return float("nan")
@@ -416,7 +417,7 @@ def query_statistic(scores_qn, stat: str = "max_z") -> np.ndarray:
         sd = s.std(1)
         z = (s.max(1) - s.mean(1)) / np.where(sd > 0, sd, 1.0)
         return np.where(sd > 0, z, 0.0)
-    raise ValueError(f"unknown detection statistic {stat!r}; use 'max' or 'max_z'")
+    raise ConfigError(f"unknown detection statistic {stat!r}; use 'max' or 'max_z'")
 
 
 def detection(scores_qn, leaked_mask, *, stat: str = "max_z") -> dict:
@@ -428,7 +429,7 @@ def detection(scores_qn, leaked_mask, *, stat: str = "max_z") -> dict:
     y = _labels(leaked_mask)
     v = query_statistic(scores_qn, stat)
     if y.shape != v.shape:
-        raise ValueError(f"leaked_mask has {y.shape[0]} entries for {v.shape[0]} queries")
+        raise ConfigError(f"leaked_mask has {y.shape[0]} entries for {v.shape[0]} queries")
     return {"stat": stat, "roc_auc": roc_auc(y, v), "pr_auc": average_precision(y, v),
             "num_leaked": int(y.sum()), "num_clean": int((~y).sum()),
             "chance_roc_auc": 0.5, "chance_pr_auc": float(y.mean())}
@@ -446,7 +447,7 @@ def _normalise(s: np.ndarray, how: str) -> np.ndarray:
     if how == "rrf":
         desc = s.shape[1] + 1 - np.stack([_midranks(row) for row in s])    # 1 = largest
         return 1.0 / (60.0 + desc)
-    raise ValueError(f"unknown combination {how!r}; use 'rank', 'zscore' or 'rrf'")
+    raise ConfigError(f"unknown combination {how!r}; use 'rank', 'zscore' or 'rrf'")
 
 
 def combine(scores_list: Sequence[np.ndarray], how: str = "rank",
@@ -458,13 +459,13 @@ def combine(scores_list: Sequence[np.ndarray], how: str = "rank",
     1 / (60 + descending rank)), then summed with ``weights`` (default: all 1).
     """
     if not scores_list:
-        raise ValueError("nothing to combine")
+        raise ConfigError("nothing to combine")
     mats = [_check_scores(s) for s in scores_list]
     if any(m.shape != mats[0].shape for m in mats):
-        raise ValueError(f"scores to combine differ in shape: {[m.shape for m in mats]}")
+        raise DataError(f"scores to combine differ in shape: {[m.shape for m in mats]}")
     w = np.ones(len(mats)) if weights is None else np.asarray(weights, np.float64)
     if w.shape != (len(mats),):
-        raise ValueError(f"{len(w)} weights for {len(mats)} score matrices")
+        raise ConfigError(f"{len(w)} weights for {len(mats)} score matrices")
     return sum(wi * _normalise(m, how) for wi, m in zip(w, mats))
 
 

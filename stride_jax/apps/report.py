@@ -12,7 +12,7 @@ training corpus can hold ``<script>``, so every such string goes through :func:`
 HTML or unencodable in UTF-8). Sizes are bounded (text snippets, capped full texts, capped token
 rows, ``max_queries``) so that a large run still gives a page a phone can open.
 
-Inputs, all in ``RUN_DIR`` as written by :meth:`stride_jax.attributor.Attribution.write`:
+Inputs, all in ``RUN_DIR`` as written by :meth:`stride_jax.attribution.Attribution.write`:
 ``topk.jsonl`` (required), ``scores.npy``, ``ids.json``, ``attribute.yaml``, and optionally
 ``tokens.json`` (per-token effects, :mod:`stride_jax.apps.tokens`) and ``selfinf.json``
 (self-influence). LDS benchmark results (``benchmarks/results/lds.json``) may be passed too.
@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stride_jax.attribution import IDS, SCORES, Attribution, read_ids
+from stride_jax.errors import ConfigError, DataError
 
 __all__ = [
     "LdsPoint",
@@ -85,19 +88,19 @@ def _read_json(path: Path, fix: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {fix}") from None
+        raise DataError(f"{path} is not UTF-8 text ({e.reason}); {fix}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
-                         f"{e.colno}); {fix}") from None
+        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
+                        f"{e.colno}); {fix}") from None
 
 
 def _check_entry(path: Path, lineno: int, side: str, e: Any) -> None:
     if not isinstance(e, dict) or "id" not in e or "score" not in e:
-        raise ValueError(f"{path} line {lineno}: each of '{side}' must be an object with 'id' and "
-                         f"'score' (got {str(e)[:60]!r}); {_RERUN}")
+        raise DataError(f"{path} line {lineno}: each of '{side}' must be an object with 'id' and "
+                        f"'score' (got {str(e)[:60]!r}); {_RERUN}")
     if not isinstance(e["score"], (int, float)) or isinstance(e["score"], bool):
-        raise ValueError(f"{path} line {lineno}: a score in '{side}' is not a number "
-                         f"({e['score']!r}); {_RERUN}")
+        raise DataError(f"{path} line {lineno}: a score in '{side}' is not a number "
+                        f"({e['score']!r}); {_RERUN}")
 
 
 def read_topk(path: Path) -> list[dict]:
@@ -105,7 +108,7 @@ def read_topk(path: Path) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {_RERUN}") from None
+        raise DataError(f"{path} is not UTF-8 text ({e.reason}); {_RERUN}") from None
     records = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -113,63 +116,46 @@ def read_topk(path: Path) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {lineno} is not valid JSON ({e.msg}, column {e.colno});"
-                             f" fix or delete that line, or {_RERUN}") from None
+            raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg}, column {e.colno});"
+                            f" fix or delete that line, or {_RERUN}") from None
         if not isinstance(rec, dict) or "query_id" not in rec:
-            raise ValueError(f"{path} line {lineno} is not a query record (an object with "
-                             f"'query_id', 'proponents' and 'opponents'); {_RERUN}")
+            raise DataError(f"{path} line {lineno} is not a query record (an object with "
+                            f"'query_id', 'proponents' and 'opponents'); {_RERUN}")
         for side in ("proponents", "opponents"):
             entries = rec.get(side, [])
             if not isinstance(entries, list):
-                raise ValueError(f"{path} line {lineno}: '{side}' must be a list; {_RERUN}")
+                raise DataError(f"{path} line {lineno}: '{side}' must be a list; {_RERUN}")
             for e in entries:
                 _check_entry(path, lineno, side, e)
         records.append(rec)
     if not records:
-        raise ValueError(f"{path} holds no query records; {_RERUN}")
+        raise DataError(f"{path} holds no query records; {_RERUN}")
     return records
-
-
-def _read_scores(path: Path) -> np.ndarray:
-    # The magic is checked first: numpy reads any other file as a pickle.
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic != b"\x93NUMPY":
-        raise ValueError(f"{path} is not a .npy file; delete it (the report then omits the score "
-                         f"histogram) or {_RERUN}")
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable .npy array ({e}); {_RERUN}") from None
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{path} holds a {arr.dtype} array of shape {arr.shape}, not the "
-                         f"[queries, train] scores; {_RERUN}")
-    return arr
 
 
 def _read_tokens(path: Path) -> dict[str, dict]:
     fix = "delete it (the report then omits per-token highlights) or " + _RERUN
     obj = _read_json(path, fix)
     if not isinstance(obj, dict) or not isinstance(obj.get("queries"), list):
-        raise ValueError(f"{path} must be an object with a 'queries' list; {fix}")
+        raise DataError(f"{path} must be an object with a 'queries' list; {fix}")
     out: dict[str, dict] = {}
     for j, q in enumerate(obj["queries"]):
         where = f"{path} query #{j}"
         if not isinstance(q, dict) or "query_id" not in q or not isinstance(q.get("tokens"), list):
-            raise ValueError(f"{where} needs 'query_id' and a 'tokens' list; {fix}")
+            raise DataError(f"{where} needs 'query_id' and a 'tokens' list; {fix}")
         T = len(q["tokens"])
         where = f"{path} query {q['query_id']!r}"
         lp = q.get("base_logprob")
         if lp is not None and (not isinstance(lp, list) or len(lp) != T):
-            raise ValueError(f"{where}: 'base_logprob' must list one number per token ({T}); {fix}")
+            raise DataError(f"{where}: 'base_logprob' must list one number per token ({T}); {fix}")
         examples = q.get("examples", [])
         if not isinstance(examples, list):
-            raise ValueError(f"{where}: 'examples' must be a list; {fix}")
+            raise DataError(f"{where}: 'examples' must be a list; {fix}")
         for ex in examples:
             if (not isinstance(ex, dict) or "id" not in ex or not isinstance(ex.get("effect"), list)
                     or len(ex["effect"]) != T):
-                raise ValueError(f"{where}: each example needs an 'id' and an 'effect' list of "
-                                 f"one number per token ({T}); {fix}")
+                raise DataError(f"{where}: each example needs an 'id' and an 'effect' list of "
+                                f"one number per token ({T}); {fix}")
         out[str(q["query_id"])] = q
     return out
 
@@ -179,12 +165,12 @@ def _read_selfinf(path: Path) -> tuple[list[str], np.ndarray]:
     obj = _read_json(path, fix)
     if (not isinstance(obj, dict) or not isinstance(obj.get("ids"), list)
             or not isinstance(obj.get("score"), list) or len(obj["ids"]) != len(obj["score"])):
-        raise ValueError(f"{path} must be {{\"ids\": [...], \"score\": [...]}} with one score per "
-                         f"id; {fix}")
+        raise DataError(f"{path} must be {{\"ids\": [...], \"score\": [...]}} with one score per "
+                        f"id; {fix}")
     try:
         score = np.asarray(obj["score"], np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: 'score' must hold numbers; {fix}") from None
+        raise DataError(f"{path}: 'score' must hold numbers; {fix}") from None
     return [str(i) for i in obj["ids"]], score
 
 
@@ -196,28 +182,24 @@ def load_run(run_dir: str | Path, *, max_queries: int | None = None) -> RunData:
     if not run.exists():
         raise FileNotFoundError(f"no run directory {run}; {hint}")
     if not run.is_dir():
-        raise ValueError(f"{run} is a file, not a run directory; {hint}")
+        raise DataError(f"{run} is a file, not a run directory; {hint}")
     topk = run / "topk.jsonl"
     if not topk.is_file():
         raise FileNotFoundError(f"{run} has no topk.jsonl, so it is not a finished attribution "
                                 f"run; {hint}, or finish this run with `stride-jax attribute`")
     if max_queries is not None and max_queries < 1:
-        raise ValueError(f"max_queries must be at least 1 (got {max_queries}); omit it to show "
-                         f"every query")
+        raise ConfigError(f"max_queries must be at least 1 (got {max_queries}); omit it to show "
+                          f"every query")
     records = read_topk(topk)
-    ids = None
-    if (run / "ids.json").is_file():
-        ids = _read_json(run / "ids.json", _RERUN)
-        if (not isinstance(ids, dict) or not isinstance(ids.get("queries"), list)
-                or not isinstance(ids.get("train"), list)):
-            raise ValueError(f"{run / 'ids.json'} must be {{\"queries\": [...], \"train\": [...]}}"
-                             f"; {_RERUN}")
-    scores = _read_scores(run / "scores.npy") if (run / "scores.npy").is_file() else None
-    if scores is not None and ids is not None and scores.shape != (len(ids["queries"]),
-                                                                   len(ids["train"])):
-        raise ValueError(f"{run / 'scores.npy'} has shape {scores.shape} but {run / 'ids.json'} "
-                         f"lists {len(ids['queries'])} queries x {len(ids['train'])} training "
-                         f"examples: the files come from different runs; {_RERUN}")
+    ids = scores = None
+    if (run / SCORES).is_file():   # ids.json beside it is read and checked against it
+        res = Attribution.load(run / SCORES, mmap=True, hint=_RERUN)
+        scores = res.scores_qn
+        if res.query_ids is not None:
+            ids = {"queries": res.query_ids, "train": res.train_ids}
+    elif (run / IDS).is_file():
+        query_ids, train_ids = read_ids(run / IDS, hint=_RERUN)
+        ids = {"queries": query_ids, "train": train_ids}
     config = config_text = None
     if (run / "attribute.yaml").is_file():
         import yaml
@@ -226,8 +208,8 @@ def load_run(run_dir: str | Path, *, max_queries: int | None = None) -> RunData:
             config = yaml.safe_load(config_text)
         except yaml.YAMLError as e:
             first = " ".join(str(e).split())[:120]
-            raise ValueError(f"{run / 'attribute.yaml'} is not valid YAML ({first}); "
-                             f"{_RERUN}") from None
+            raise DataError(f"{run / 'attribute.yaml'} is not valid YAML ({first}); "
+                            f"{_RERUN}") from None
         if not isinstance(config, dict):
             config = None
     tokens = _read_tokens(run / "tokens.json") if (run / "tokens.json").is_file() else None
@@ -267,17 +249,17 @@ def parse_lds_results(obj: Any, source: str = "the LDS results") -> tuple[dict[s
     if isinstance(obj, dict) and isinstance(obj.get("rows"), list):
         obj = {"tasks": {"results": obj}}
     if not isinstance(obj, dict) or not isinstance(obj.get("tasks"), dict) or not obj["tasks"]:
-        raise ValueError(f"{source} is not LDS benchmark results; expected {shape}")
+        raise DataError(f"{source} is not LDS benchmark results; expected {shape}")
     tasks: dict[str, list[LdsPoint]] = {}
     captions: dict[str, str] = {}
     for task, body in obj["tasks"].items():
         if not isinstance(body, dict) or not isinstance(body.get("rows"), list):
-            raise ValueError(f"{source}: task {task!r} has no 'rows' list; expected {shape}")
+            raise DataError(f"{source}: task {task!r} has no 'rows' list; expected {shape}")
         points = []
         for row in body["rows"]:
             if not isinstance(row, dict) or "method" not in row:
-                raise ValueError(f"{source}: a row of task {task!r} has no 'method'; "
-                                 f"expected {shape}")
+                raise DataError(f"{source}: a row of task {task!r} has no 'method'; "
+                                f"expected {shape}")
             lds = row.get("lds")
             mean = _num(lds.get("mean")) if isinstance(lds, dict) else _num(lds)
             secs = _num(row.get("seconds"))
@@ -726,6 +708,8 @@ def _query_section(i: int, rec: Mapping, score_row: np.ndarray | None,
     meta = []
     if _num(rec.get("base_loss")) is not None:
         meta.append(f"base loss {_g(rec['base_loss'], '.4g')} nats/token")
+    if isinstance(rec.get("estimator"), str):
+        meta.append(rec["estimator"].replace("_", " "))
     if _num(rec.get("lambda")) is not None:
         meta.append(f"λ {_g(rec['lambda'])}")
     if score_row is not None:
@@ -764,13 +748,22 @@ def config_summary(config: Mapping | None, n: int | None) -> list[tuple[str, str
     """The config values a reader needs to interpret the scores, as ``(label, value)``.
 
     K is resolved as the run resolved it when ``design.num_subsets`` is null (expander design
-    and n known), so the page shows the number of operators actually trained.
+    and n known), so the page shows the number of operators actually trained. A closed-form run
+    (``operators: closed_form``) shows its own settings: it trains nothing and uses no subsets,
+    so the design, training and solve settings in its config do not describe it.
     """
     if config is None:
         return []
     method = str(_dig(config, "method") or "stride")
     if method != "stride":
         return [("method", method)] + _method_settings(config, method)
+    if _dig(config, "operators") == "closed_form":
+        items = [("method", "stride"), ("operators", "closed form"),
+                 ("site", _dig(config, "steering", "site")),
+                 ("output damping", _dig(config, "closed_form", "output_damping")),
+                 ("reader damping", _dig(config, "closed_form", "reader_damping")),
+                 ("seed", _dig(config, "seed")), ("top-k", _dig(config, "topk"))]
+        return [(k, "–" if v is None else str(v)) for k, v in items]
     K = _dig(config, "design", "num_subsets")
     d = _dig(config, "design", "per_example")
     kind = _dig(config, "design", "kind")
@@ -955,13 +948,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *,
     Returns the path written (atomically: a reader never sees half a page).
     """
     from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.io.outdir import check_output_file
 
+    target = Path(out) if out is not None else Path(run_dir) / "report.html"
+    if out is not None or Path(run_dir).is_dir():   # else load_run says what is wrong
+        check_output_file(target, example="report.html")   # before any work
     run = load_run(run_dir, max_queries=max_queries)
     lds = load_lds_results(lds_results) if lds_results is not None else None
-    target = Path(out) if out is not None else run.run_dir / "report.html"
-    if target.is_dir():
-        raise ValueError(f"--out {target} is a directory; pass a file name such as "
-                         f"{target / 'report.html'}")
     if not target.parent.is_dir():
         raise FileNotFoundError(f"no directory {target.parent} to write {target.name} into; "
                                 f"create it or pass another --out")

@@ -38,6 +38,9 @@ from typing import Literal
 
 import numpy as np
 
+from stride_jax.attribution import Attribution, topk_texts
+from stride_jax.errors import ConfigError, DataError
+
 __all__ = ["AGGREGATES", "aggregate", "load_run", "select_run", "select_top", "zscore"]
 
 Aggregate = Literal["zscore", "mean", "rank"]
@@ -73,18 +76,18 @@ def aggregate(scores_qn: np.ndarray, how: str = "zscore") -> np.ndarray:
         rank in ``[0, 1]``). Larger values are better for the targets in every case.
     """
     if how not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {how!r}; use one of {', '.join(AGGREGATES)}")
+        raise ConfigError(f"unknown aggregate {how!r}; use one of {', '.join(AGGREGATES)}")
     s = np.asarray(scores_qn, np.float64)
     if s.ndim == 1:
         s = s[None]
     if s.ndim != 2 or s.shape[0] < 1 or s.shape[1] < 1:
-        raise ValueError(f"scores must be a [queries, pool] array with at least one of each, got "
-                         f"shape {np.shape(scores_qn)}")
+        raise DataError(f"scores must be a [queries, pool] array with at least one of each, got "
+                        f"shape {np.shape(scores_qn)}")
     if not np.isfinite(s).all():
         bad = np.argwhere(~np.isfinite(s))[0]
-        raise ValueError(f"scores hold {int((~np.isfinite(s)).sum())} NaN/inf value(s) (first: "
-                         f"query {bad[0]}, example {bad[1]}); rerun the attribution that wrote "
-                         f"them")
+        raise DataError(f"scores hold {int((~np.isfinite(s)).sum())} NaN/inf value(s) (first: "
+                        f"query {bad[0]}, example {bad[1]}); rerun the attribution that wrote "
+                        f"them")
     if how == "mean":
         return s.mean(0)
     if how == "rank":
@@ -112,17 +115,17 @@ def select_top(values_n: np.ndarray, k: int) -> np.ndarray:
     """
     v = np.asarray(values_n, np.float64)
     if v.ndim != 1:
-        raise ValueError(f"values must be 1-D (one per pool example), got shape {v.shape}; "
-                         f"aggregate [queries, pool] scores first")
+        raise DataError(f"values must be 1-D (one per pool example), got shape {v.shape}; "
+                        f"aggregate [queries, pool] scores first")
     n = v.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k={k!r} must be an integer number of examples (1 <= k <= n={n})")
+        raise ConfigError(f"k={k!r} must be an integer number of examples (1 <= k <= n={n})")
     if not 1 <= k <= n:
-        raise ValueError(f"k={k} is out of range for a pool of n={n} examples; choose "
-                         f"1 <= k <= {n}")
+        raise ConfigError(f"k={k} is out of range for a pool of n={n} examples; choose "
+                          f"1 <= k <= {n}")
     if not np.isfinite(v).all():
-        raise ValueError(f"values hold {int((~np.isfinite(v)).sum())} NaN/inf entries; "
-                         f"the scores they came from are broken")
+        raise DataError(f"values hold {int((~np.isfinite(v)).sum())} NaN/inf entries; "
+                        f"the scores they came from are broken")
     return np.argsort(-v, kind="stable")[: int(k)].astype(np.int64)
 
 
@@ -134,48 +137,20 @@ _RUN_HINT = ("pass the --out directory of `stride-jax attribute` (or `stride-jax
 
 
 def load_run(run_dir) -> tuple[np.ndarray, list[str], list[str], dict[str, str]]:
-    """``(scores [Q, n], query_ids, pool_ids, texts)`` of a run directory.
+    """``(scores [Q, n], query_ids, pool_ids, texts)`` of a run directory
+    (:meth:`stride_jax.attribution.Attribution.load`; it must hold the dense scores).
 
     ``texts`` maps pool ids to their text where ``topk.jsonl`` lists them (only the examples
     some query ranked among its top proponents or opponents; empty without the file).
-    Missing or inconsistent files raise one-line ``FileNotFoundError`` / ``ValueError``.
+    Missing or inconsistent files raise one-line ``FileNotFoundError`` / ``DataError``.
     """
-    import json
-
-    from stride_jax.cli import _load_scores
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run directory {run} does not exist; {_RUN_HINT}")
-    if not (run / "scores.npy").is_file():
-        raise FileNotFoundError(f"{run} has no scores.npy; {_RUN_HINT}")
-    scores = _load_scores(run / "scores.npy")
-    ids_path = run / "ids.json"
-    if not ids_path.is_file():
-        raise FileNotFoundError(f"{run} has no ids.json (the pool and target ids); {_RUN_HINT}")
-    try:
-        ids = json.loads(ids_path.read_text(encoding="utf-8"))
-        query_ids, pool_ids = [str(i) for i in ids["queries"]], [str(i) for i in ids["train"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{ids_path} is not an ids file ({type(e).__name__}: {e}); it must be "
-                         f'{{"queries": [...], "train": [...]}}: rerun the attribution') from None
-    if scores.ndim != 2 or scores.shape != (len(query_ids), len(pool_ids)):
-        raise ValueError(f"{run / 'scores.npy'} has shape {scores.shape} but {ids_path} lists "
-                         f"{len(query_ids)} queries x {len(pool_ids)} training examples; the "
-                         f"files are from different runs: rerun the attribution")
-    texts: dict[str, str] = {}
-    topk = run / "topk.jsonl"
-    if topk.is_file():
-        for line in topk.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # texts are a convenience: a damaged line only loses its texts
-            for e in rec.get("proponents", []) + rec.get("opponents", []):
-                if isinstance(e, dict) and "text" in e and "id" in e:
-                    texts.setdefault(str(e["id"]), str(e["text"]))
-    return scores, query_ids, pool_ids, texts
+    if Path(run_dir).is_file():   # Attribution.load would take it for a scores file
+        raise DataError(f"{run_dir} is a file, not a run directory; {_RUN_HINT}")
+    run = Attribution.load(run_dir, hint=_RUN_HINT)
+    if run.scores_qn is None:
+        raise DataError(f"{run_dir} kept only each query's top scores (scores=topk); selection "
+                        f"aggregates every score: rerun the attribution with scores=dense")
+    return run.scores_qn, run.query_ids, run.train_ids, topk_texts(run_dir)
 
 
 def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[dict], Path]:
@@ -185,15 +160,17 @@ def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[
     aggregate) and ``text`` where ``topk.jsonl`` has it. ``out`` defaults to
     ``run_dir/selected.jsonl``. Returns the records and the path written.
     """
-    import json
-
-    from stride_jax.io.atomic import atomic_write_text
+    from stride_jax.io.atomic import atomic_write_text, json_text
+    from stride_jax.io.outdir import check_output_file
+    path = Path(out) if out is not None else Path(run_dir) / "selected.jsonl"
+    if out is not None or Path(run_dir).is_dir():   # else load_run says what is wrong
+        check_output_file(path, example="selected.jsonl")   # before any work
     scores, _, pool_ids, texts = load_run(run_dir)
     values = aggregate(scores, how)
     n = len(pool_ids)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise ValueError(f"--k {k} is out of range: the run's pool has n={n} examples, so "
-                         f"choose 1 <= k <= {n}")
+        raise ConfigError(f"--k {k} is out of range: the run's pool has n={n} examples, so "
+                          f"choose 1 <= k <= {n}")
     idx = select_top(values, int(k))
     recs = []
     for r, i in enumerate(idx, 1):
@@ -201,6 +178,6 @@ def select_run(run_dir, k: int, *, how: str = "zscore", out=None) -> tuple[list[
         if pool_ids[i] in texts:
             rec["text"] = texts[pool_ids[i]]
         recs.append(rec)
-    path = Path(out) if out is not None else Path(run_dir) / "selected.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    atomic_write_text(path, "".join(json_text(r, what=str(path), ensure_ascii=False) + "\n"
+                                    for r in recs))
     return recs, path

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import DataError
 from stride_jax.steering import LMFunctions
 from stride_jax.subsets import Design
 from stride_jax.train import Rows, check_rows_fit, responses
@@ -63,17 +64,17 @@ def self_influence(lm: LMFunctions, site: str, basis: dict, coef_krc: jax.Array,
     """mem(i) for every training row (see the module docstring)."""
     n = len(rows)
     if design.num_examples != n:
-        raise ValueError(f"the design is over {design.num_examples} examples but {n} training "
-                         f"rows were given; pass the rows the operators were trained on")
+        raise DataError(f"the design is over {design.num_examples} examples but {n} training "
+                        f"rows were given; pass the rows the operators were trained on")
     if coef_krc.shape[0] != design.num_subsets:
-        raise ValueError(f"{coef_krc.shape[0]} operators for a design of {design.num_subsets} "
-                         f"subsets")
+        raise DataError(f"{coef_krc.shape[0]} operators for a design of {design.num_subsets} "
+                        f"subsets")
     check_rows_fit(lm, rows, "training")
     counts = design.example_counts
     m_out = int(num_outside) if num_outside is not None else int(counts.max())
     if m_out < 1 or m_out > design.num_subsets - int(counts.max()):
-        raise ValueError(f"num_outside={m_out} must lie in [1, K - d] = "
-                         f"[1, {design.num_subsets - int(counts.max())}]")
+        raise DataError(f"num_outside={m_out} must lie in [1, K - d] = "
+                        f"[1, {design.num_subsets - int(counts.max())}]")
     ids_nm, kind_nm = _operator_sets(design, m_out, key)
     T = rows.seq_len
     batch = max(1, min(batch, n))

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from stride_jax.errors import DataError
 from stride_jax.subsets import Design
 
 __all__ = ["token_effects", "token_report"]
@@ -38,13 +39,13 @@ def token_effects(design: Design, y_tk: np.ndarray, examples: Sequence[int], *,
     """
     y_tk = np.asarray(y_tk, np.float64)
     if y_tk.ndim != 2 or y_tk.shape[1] != design.num_subsets:
-        raise ValueError(f"per-token responses have shape {y_tk.shape}; expected [tokens, "
-                         f"{design.num_subsets}] for this design")
+        raise DataError(f"per-token responses have shape {y_tk.shape}; expected [tokens, "
+                        f"{design.num_subsets}] for this design")
     ex = np.asarray(list(examples), np.int64)
     if ex.size == 0:
         return np.zeros((0, y_tk.shape[0]))
     if ex.min() < 0 or ex.max() >= design.num_examples:
-        raise ValueError(f"example indices must lie in [0, {design.num_examples})")
+        raise DataError(f"example indices must lie in [0, {design.num_examples})")
     X = np.zeros((design.num_subsets, ex.size))
     for j, i in enumerate(ex):
         X[design.subsets_of(int(i)), j] = 1.0

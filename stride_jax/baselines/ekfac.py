@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stride_jax.errors import ConfigError, DataError, ModelError, NonFiniteError
 from stride_jax.model.taps import LayerShape, Recorder, recording, trace_shapes
 
 __all__ = ["Factors", "TokenModel", "causal_lm_token_model", "fit_factors", "layer_names",
@@ -155,7 +156,7 @@ def select_layers(names: Sequence[str], spec: str) -> list[str]:
     """The covered layers among ``names`` (in their order) for ``spec`` (module docstring)."""
     names = list(names)
     if not names:
-        raise ValueError("the model has no tapped dense layers: K-FAC/EK-FAC need dense layers "
+        raise ModelError("the model has no tapped dense layers: K-FAC/EK-FAC need dense layers "
                          "marked with stride_jax.model.taps (stride-jax's Dense layers are)")
     blocks = [n for n in names if _BLOCK.search(n)]
     if spec == "all":
@@ -168,12 +169,12 @@ def select_layers(names: Sequence[str], spec: str) -> list[str]:
         try:
             pattern = re.compile(spec)
         except re.error as e:
-            raise ValueError(f"layers={spec!r} is neither blocks, all, mlp, attn nor a valid "
+            raise ConfigError(f"layers={spec!r} is neither blocks, all, mlp, attn nor a valid "
                              f"regular expression ({e})") from None
         chosen = [n for n in names if pattern.search(n)]
     if not chosen:
         shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-        raise ValueError(f"layers={spec!r} matches none of the model's {len(names)} dense layers "
+        raise ConfigError(f"layers={spec!r} matches none of the model's {len(names)} dense layers "
                          f"({shown}); use blocks, all, mlp, attn or a regular expression")
     return chosen
 
@@ -226,13 +227,13 @@ def precondition_scale(factors: Factors, strategy: Strategy, *, damping: float |
     eigenvalues or the K-FAC products ``e_S e_A^T``; ``lambda = damping`` or, when None,
     ``damping_fraction * mean(Lambda)`` per layer."""
     if strategy not in ("ekfac", "kfac"):
-        raise ValueError(f"strategy must be 'ekfac' or 'kfac', got {strategy!r}")
+        raise ConfigError(f"strategy must be 'ekfac' or 'kfac', got {strategy!r}")
     if strategy == "ekfac" and factors.lam is None:
-        raise ValueError("EK-FAC needs the corrected eigenvalues (fit_factors(strategy='ekfac'))")
+        raise ConfigError("EK-FAC needs the corrected eigenvalues (fit_factors(strategy='ekfac'))")
     if damping is not None and not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0 or null, got {damping!r}")
+        raise ConfigError(f"damping must be a finite number >= 0 or null, got {damping!r}")
     if not (math.isfinite(damping_fraction) and damping_fraction > 0):
-        raise ValueError(f"damping_fraction must be a finite number > 0, got {damping_fraction!r}")
+        raise ConfigError(f"damping_fraction must be a finite number > 0, got {damping_fraction!r}")
     out = {}
     for name in factors.layers:
         lam = (factors.lam[name] if strategy == "ekfac"
@@ -240,7 +241,7 @@ def precondition_scale(factors: Factors, strategy: Strategy, *, damping: float |
         d = damping if damping is not None else damping_fraction * float(np.mean(lam))
         denom = lam + d
         if not (np.isfinite(denom).all() and (denom > 0).all()):
-            raise ValueError(f"layer {name}: the damped curvature is not positive (damping "
+            raise ConfigError(f"layer {name}: the damped curvature is not positive (damping "
                              f"{d:.3g}); pass a larger damping")
         out[name] = 1.0 / denom
     return out
@@ -304,7 +305,7 @@ class _Pass:
                 logits = tm.logits(params, batch)
             logits = logits.astype(jnp.float32)
             if logits.ndim != 3:
-                raise ValueError(f"the model's logits have shape {logits.shape}; K-FAC needs "
+                raise ModelError(f"the model's logits have shape {logits.shape}; K-FAC needs "
                                  f"[batch, positions, classes]")
             logp = jax.nn.log_softmax(logits, axis=-1)
             drawn = _sample_labels(key, rows, jax.lax.stop_gradient(logp))
@@ -329,7 +330,7 @@ class _Pass:
             elif positions == 1:     # one vector per row (e.g. an MLP on a feature vector)
                 masks[n] = valid[:, None]
             else:
-                raise ValueError(f"layer {n}: {positions} positions per row, but the rows have "
+                raise ModelError(f"layer {n}: {positions} positions per row, but the rows have "
                                  f"{token_mask.shape[1]} tokens")
             a_out[n] = a
             g_out[n] = g[n].astype(jnp.float32).reshape(bsz, -1, g[n].shape[-1])
@@ -370,20 +371,20 @@ def _chunks(batch: Mapping[str, np.ndarray], n: int, size: int, start: int = 0
 def _check_batch(batch: Mapping[str, np.ndarray], what: str) -> int:
     for key in ("targets", "loss_mask", "token_mask"):
         if key not in batch:
-            raise ValueError(f"the {what} batch lacks {key!r}; TokenModel.prepare must add it")
+            raise ModelError(f"the {what} batch lacks {key!r}; TokenModel.prepare must add it")
     sizes = {int(np.shape(v)[0]) for v in batch.values()}
     if len(sizes) != 1:
-        raise ValueError(f"the {what} arrays disagree on the number of rows: {sorted(sizes)}")
+        raise DataError(f"the {what} arrays disagree on the number of rows: {sorted(sizes)}")
     n = sizes.pop()
     if n == 0:
-        raise ValueError(f"the {what} set is empty")
+        raise DataError(f"the {what} set is empty")
     return n
 
 
 def _finite(arrays: Mapping[str, np.ndarray], what: str, start: int) -> None:
     for name, arr in arrays.items():
         if not np.isfinite(arr).all():
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"non-finite values in {what} ({name}) in the chunk starting at row {start}; check "
                 f"those rows and the model (NaN/inf weights or inputs, log(0))")
 
@@ -454,13 +455,13 @@ def fit_factors(tm: TokenModel, examples: Any, *, strategy: Strategy = "ekfac",
     reuses a finished K-FAC fit (skips the first pass).
     """
     if strategy not in ("ekfac", "kfac"):
-        raise ValueError(f"strategy must be 'ekfac' or 'kfac', got {strategy!r}")
+        raise ConfigError(f"strategy must be 'ekfac' or 'kfac', got {strategy!r}")
     if fisher not in ("true", "empirical"):
-        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+        raise ConfigError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     batch = tm.prepare(examples)
     n = _check_batch(batch, "training")
     size = min(int(batch_size), n)
@@ -513,7 +514,7 @@ def _eigendecompose(layers: Sequence[str], sums: Mapping[str, np.ndarray], rows:
     for name in layers:
         count = float(sums["tokens/" + name])
         if count <= 0:
-            raise ValueError(f"layer {name}: no real tokens in the training data (all "
+            raise DataError(f"layer {name}: no real tokens in the training data (all "
                              f"token_mask/attention_mask zero)")
         tokens = count
         for part, q, e in (("a/", q_a, e_a), ("s/", q_s, e_s)):
@@ -547,7 +548,7 @@ def scores(tm: TokenModel, factors: Factors, train: Any, queries: Any, *,
     shapes, _ = layer_names(tm, train_b, size)
     missing = [name for name in factors.layers if name not in shapes]
     if missing:
-        raise ValueError(f"the factors cover layers {missing} that this model does not have; "
+        raise ModelError(f"the factors cover layers {missing} that this model does not have; "
                          f"fit the factors on this model")
     scale = precondition_scale(factors, strategy, damping=damping,
                                damping_fraction=damping_fraction)
@@ -579,7 +580,7 @@ def scores(tm: TokenModel, factors: Factors, train: Any, queries: Any, *,
                                      mean=False)
                 s_qb = np.asarray(engine.contract(a, g, qa, qs, pq))
                 if not np.isfinite(s_qb).all():
-                    raise FloatingPointError(
+                    raise NonFiniteError(
                         f"non-finite scores for training rows {start}..{start + real - 1}; "
                         f"check those rows and the model (NaN/inf weights or inputs)")
                 out[:, start:start + real] = s_qb[:, :real]

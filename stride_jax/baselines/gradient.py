@@ -55,6 +55,7 @@ import scipy.linalg
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from stride_jax.errors import ConfigError, NonFiniteError
 from stride_jax.model.loss import mean_token_loss
 
 __all__ = [
@@ -86,25 +87,25 @@ def _as_examples(examples: Any, what: str) -> tuple[Any, int]:
     """Leaves as arrays (device arrays stay on device), and the shared leading axis size."""
     leaves, treedef = jax.tree.flatten(examples)
     if not leaves:
-        raise ValueError(f"the {what} set has no arrays (got {examples!r})")
+        raise ConfigError(f"the {what} set has no arrays (got {examples!r})")
     leaves = [a if isinstance(a, jax.Array) else np.asarray(a) for a in leaves]
     for a in leaves:
         if a.ndim < 1:
-            raise ValueError(f"every {what} leaf needs a leading example axis; got a scalar")
+            raise ConfigError(f"every {what} leaf needs a leading example axis; got a scalar")
     sizes = {int(a.shape[0]) for a in leaves}
     if len(sizes) != 1:
         shapes = [tuple(a.shape) for a in leaves]
-        raise ValueError(f"the {what} leaves disagree on the number of examples (leading axis): "
-                         f"shapes {shapes}")
+        raise ConfigError(f"the {what} leaves disagree on the number of examples (leading axis): "
+                          f"shapes {shapes}")
     n = sizes.pop()
     if n == 0:
-        raise ValueError(f"the {what} set is empty")
+        raise ConfigError(f"the {what} set is empty")
     return jax.tree.unflatten(treedef, leaves), n
 
 
 def _check_chunk(chunk: int) -> None:
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        raise ConfigError(f"chunk must be a positive integer, got {chunk!r}")
 
 
 def _num_params(params: Any) -> int:
@@ -152,7 +153,7 @@ def _iter_chunks(fn: Callable, params: Any, examples: Any, n: int, chunk: int,
         ok = np.asarray(ok)[:m]
         if not ok.all():
             bad = start + int(np.flatnonzero(~ok)[0])
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"non-finite gradient for {what} example {bad} (of {n}); check that example's "
                 f"inputs and the loss (NaN/inf inputs, log(0), or parameters that already "
                 f"overflowed)")
@@ -209,15 +210,15 @@ def tracin(loss_fn: LossFn, checkpoints: Sequence[Any], train: Any, queries: Any
     _check_chunk(chunk)
     checkpoints = list(checkpoints)
     if not checkpoints:
-        raise ValueError("tracin needs at least one checkpoint")
+        raise ConfigError("tracin needs at least one checkpoint")
     if weights is None:
         weights = [1.0] * len(checkpoints)
     weights = [float(w) for w in weights]
     if len(weights) != len(checkpoints):
-        raise ValueError(f"{len(weights)} weights for {len(checkpoints)} checkpoints; give one "
-                         f"weight (learning rate) per checkpoint")
+        raise ConfigError(f"{len(weights)} weights for {len(checkpoints)} checkpoints; give one "
+                          f"weight (learning rate) per checkpoint")
     if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite, got {weights}")
+        raise ConfigError(f"weights must be finite, got {weights}")
     train, n = _as_examples(train, "training")
     queries, q = _as_examples(queries, "query")
     fn = _flat_grad_fn(loss_fn)
@@ -235,12 +236,12 @@ def tracin(loss_fn: LossFn, checkpoints: Sequence[Any], train: Any, queries: Any
 def _resolve_damping(damping: float | None, default: float, what: str) -> float:
     if damping is None:
         if not default > 0:
-            raise ValueError(f"the default damping for {what} is {default} because every "
-                             f"training gradient is zero; check the loss, or pass damping > 0")
+            raise ConfigError(f"the default damping for {what} is {default} because every "
+                              f"training gradient is zero; check the loss, or pass damping > 0")
         return float(default)
     lam = float(damping)
     if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+        raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}")
     return lam
 
 
@@ -248,8 +249,8 @@ def _cholesky(a: np.ndarray, lam: float) -> tuple:
     try:
         return scipy.linalg.cho_factor(a, lower=True, check_finite=False)
     except np.linalg.LinAlgError as e:
-        raise ValueError(f"the damped Gram matrix is not positive definite (damping {lam:g}); "
-                         f"pass a larger damping") from e
+        raise ConfigError(f"the damped Gram matrix is not positive definite (damping {lam:g}); "
+                          f"pass a larger damping") from e
 
 
 def _solve_dual(cross_qn: np.ndarray, gram_nn: np.ndarray, lam: float) -> np.ndarray:
@@ -350,7 +351,7 @@ class Projector:
     def __call__(self, g_cp: jax.Array) -> jax.Array:
         g_cp = jnp.asarray(g_cp)
         if g_cp.ndim != 2 or g_cp.shape[1] != self.num_params:
-            raise ValueError(f"projector expects [c, {self.num_params}] rows, got {g_cp.shape}")
+            raise ConfigError(f"projector expects [c, {self.num_params}] rows, got {g_cp.shape}")
         return _project_jit(self.kind, self.dim, self.arrays, g_cp)
 
 
@@ -379,9 +380,9 @@ def make_projector(num_params: int, dim: int, *, key: jax.Array, kind: Projectio
     ``memory_budget`` and ``"sjlt"`` (with ``s`` nonzeros per column, capped at ``k``) otherwise.
     """
     if not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"projection dimension must be a positive integer, got {dim!r}")
+        raise ConfigError(f"projection dimension must be a positive integer, got {dim!r}")
     if num_params < 1:
-        raise ValueError(f"num_params must be positive, got {num_params}")
+        raise ConfigError(f"num_params must be positive, got {num_params}")
     if kind == "auto":
         kind = "gaussian" if num_params * dim * 4 <= memory_budget else "sjlt"
     if kind == "gaussian":
@@ -389,7 +390,7 @@ def make_projector(num_params: int, dim: int, *, key: jax.Array, kind: Projectio
         return Projector("gaussian", int(num_params), int(dim), (r_pk,))
     if kind == "sjlt":
         if s < 1:
-            raise ValueError(f"sjlt needs s >= 1 nonzeros per column, got {s}")
+            raise ConfigError(f"sjlt needs s >= 1 nonzeros per column, got {s}")
         s = min(s, dim)
         edges = np.linspace(0, dim, s + 1).round().astype(np.int64)
         kb, ks = jax.random.split(key)
@@ -399,7 +400,7 @@ def make_projector(num_params: int, dim: int, *, key: jax.Array, kind: Projectio
             for r in range(s)]).astype(jnp.int32)
         signs = jnp.where(jax.random.bernoulli(ks, 0.5, (s, num_params)), 1, -1).astype(jnp.int8)
         return Projector("sjlt", int(num_params), int(dim), (buckets, signs))
-    raise ValueError(f'projection kind must be "auto", "gaussian" or "sjlt", got {kind!r}')
+    raise ConfigError(f'projection kind must be "auto", "gaussian" or "sjlt", got {kind!r}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,12 +439,12 @@ def trak(loss_fn: LossFn, params: Any, train: Any, queries: Any, *, proj_dim: in
     if isinstance(projection, Projector):
         proj = projection
         if proj.num_params != p:
-            raise ValueError(f"projector maps {proj.num_params} parameters but the model has {p}")
+            raise ConfigError(f"projector maps {proj.num_params} parameters but the model has {p}")
     else:
         if not isinstance(proj_dim, (int, np.integer)) or proj_dim < 1:
-            raise ValueError(f"proj_dim must be a positive integer, got {proj_dim!r}")
+            raise ConfigError(f"proj_dim must be a positive integer, got {proj_dim!r}")
         if key is None:
-            raise ValueError("trak needs a PRNG key for its projection, e.g. jax.random.key(0)")
+            raise ConfigError("trak needs a PRNG key for its projection, e.g. jax.random.key(0)")
         proj = make_projector(p, int(proj_dim), key=key, kind=projection)
     logger.info("trak: P=%d -> k=%d by %s projection", p, proj.dim, proj.kind)
 
@@ -477,7 +478,7 @@ def logra_projections(params: Any, *, rank: int = 16,
     Leaf ``l`` draws from ``fold_in(key, l)``.
     """
     if not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     mats: list[tuple[jax.Array, jax.Array] | None] = []
     for l, leaf in enumerate(jax.tree.leaves(params)):
         if np.ndim(leaf) < 2:
@@ -524,25 +525,25 @@ def logra(loss_fn: LossFn, params: Any, train: Any, queries: Any, *, rank: int =
     leaves = jax.tree.leaves(params)
     if projections is None:
         if key is None:
-            raise ValueError("logra needs a PRNG key for its projections, e.g. jax.random.key(0)")
+            raise ConfigError("logra needs a PRNG key for its projections, e.g. jax.random.key(0)")
         mats = logra_projections(params, rank=rank, key=key)
     else:
         mats = list(projections)
         if len(mats) != len(leaves):
-            raise ValueError(f"{len(mats)} projections for {len(leaves)} parameter leaves")
+            raise ConfigError(f"{len(mats)} projections for {len(leaves)} parameter leaves")
         for l, (leaf, m) in enumerate(zip(leaves, mats)):
             if (np.ndim(leaf) >= 2) != (m is not None):
-                raise ValueError(f"leaf {l} (shape {np.shape(leaf)}): give a (P_in, P_out) pair "
-                                 f"exactly for leaves with ndim >= 2, None otherwise")
+                raise ConfigError(f"leaf {l} (shape {np.shape(leaf)}): give a (P_in, P_out) pair "
+                                  f"exactly for leaves with ndim >= 2, None otherwise")
             if m is not None:
                 d_in, d_out = _in_out(np.shape(leaf))
                 if np.shape(m[0])[0] != d_in or np.shape(m[1])[0] != d_out:
-                    raise ValueError(f"leaf {l} is [{d_in}, {d_out}] but its projections are "
-                                     f"{np.shape(m[0])} and {np.shape(m[1])}")
+                    raise ConfigError(f"leaf {l} is [{d_in}, {d_out}] but its projections are "
+                                      f"{np.shape(m[0])} and {np.shape(m[1])}")
         mats = [None if m is None else (jnp.asarray(m[0], jnp.float32),
                                         jnp.asarray(m[1], jnp.float32)) for m in mats]
     if not any(m is not None for m in mats) and not include_1d:
-        raise ValueError("logra found no parameter with ndim >= 2; pass include_1d=True")
+        raise ConfigError("logra found no parameter with ndim >= 2; pass include_1d=True")
 
     @jax.jit
     def fn(params, batch, mats):
@@ -614,7 +615,7 @@ def rows_as_examples(tokenized_set: Any) -> dict[str, np.ndarray]:
     if targets is not None:
         targets = np.asarray(targets, dtype=np.int32)
         if targets.shape != ex["input_ids"].shape:
-            raise ValueError(f"targets have shape {targets.shape}; expected {ex['input_ids'].shape}"
-                             f" like input_ids")
+            raise ConfigError(f"targets have shape {targets.shape}; expected {ex['input_ids'].shape}"
+                              f" like input_ids")
         ex["targets"] = targets
     return ex

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stride_jax.errors import DataError
+
 __all__ = ["cosine_scores", "pooled_features"]
 
 FeaturesFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -37,10 +39,10 @@ def cosine_scores(feats_query: np.ndarray, feats_train: np.ndarray, *,
     u = np.asarray(feats_query, np.float32)
     v = np.asarray(feats_train)
     if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
-        raise ValueError(f"feats_query must be [Q, D] and feats_train [n, D] with the same D; got "
-                         f"{u.shape} and {v.shape}")
+        raise DataError(f"feats_query must be [Q, D] and feats_train [n, D] with the same D; got "
+                        f"{u.shape} and {v.shape}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
+        raise DataError(f"chunk_size must be >= 1 (got {chunk_size})")
     u = _unit_rows(u)
     out = np.empty((u.shape[0], v.shape[0]), np.float32)
     for s in range(0, v.shape[0], chunk_size):
@@ -73,18 +75,18 @@ def pooled_features(features_fn: FeaturesFn, params: Any, input_ids: np.ndarray,
     ``batch_size``.
     """
     if which not in ("final", "reader"):
-        raise ValueError(f"which must be 'final' or 'reader' (got {which!r})")
+        raise DataError(f"which must be 'final' or 'reader' (got {which!r})")
     ids = np.asarray(input_ids)
     att = np.asarray(attention_mask)
     w = np.asarray(weight_mask)
     if ids.ndim != 2 or att.shape != ids.shape or w.shape != ids.shape:
-        raise ValueError(f"input_ids, attention_mask and weight_mask must all be [N, L]; got "
-                         f"{ids.shape}, {att.shape} and {w.shape}")
+        raise DataError(f"input_ids, attention_mask and weight_mask must all be [N, L]; got "
+                        f"{ids.shape}, {att.shape} and {w.shape}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        raise DataError(f"batch_size must be >= 1 (got {batch_size})")
     n = ids.shape[0]
     if n == 0:
-        raise ValueError("no rows to pool (N = 0)")
+        raise DataError("no rows to pool (N = 0)")
     b = min(batch_size, n)
     chunks = []
     for s in range(0, n, b):

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from stride_jax.errors import DataError
+
 __all__ = ["bm25_scores", "docs_from_rows", "tfidf_scores"]
 
 
@@ -21,8 +23,8 @@ def docs_from_rows(input_ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     """The tokens of each row of ``input_ids [n, L]`` where ``mask [n, L]`` is nonzero."""
     input_ids, mask = np.asarray(input_ids), np.asarray(mask)
     if input_ids.ndim != 2 or input_ids.shape != mask.shape:
-        raise ValueError(f"input_ids and mask must both be [n, L]; got {input_ids.shape} and "
-                         f"{mask.shape}")
+        raise DataError(f"input_ids and mask must both be [n, L]; got {input_ids.shape} and "
+                        f"{mask.shape}")
     keep = mask.astype(bool)
     return [row[k] for row, k in zip(input_ids, keep)]
 
@@ -32,11 +34,11 @@ def _check_docs(docs: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
     for i, d in enumerate(docs):
         d = np.asarray(d)
         if d.ndim != 1 or not (np.issubdtype(d.dtype, np.integer) or d.size == 0):
-            raise ValueError(f"{name}[{i}] must be a 1-D integer array of token ids; got dtype "
-                             f"{d.dtype} and shape {d.shape} (see docs_from_rows)")
+            raise DataError(f"{name}[{i}] must be a 1-D integer array of token ids; got dtype "
+                            f"{d.dtype} and shape {d.shape} (see docs_from_rows)")
         if d.size and d.min() < 0:
-            raise ValueError(f"{name}[{i}] has negative token ids; drop padding with "
-                             f"docs_from_rows(input_ids, mask)")
+            raise DataError(f"{name}[{i}] has negative token ids; drop padding with "
+                            f"docs_from_rows(input_ids, mask)")
         out.append(d.astype(np.int64))
     return out
 
@@ -55,7 +57,7 @@ def _count_pair(train_docs, query_docs) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     train = _check_docs(train_docs, "train_docs")
     query = _check_docs(query_docs, "query_docs")
     if not train:
-        raise ValueError("train_docs is empty; there is nothing to score against")
+        raise DataError("train_docs is empty; there is nothing to score against")
     vocab = 1 + max((int(d.max()) for d in train + query if d.size), default=0)
     return _counts(train, vocab), _counts(query, vocab)
 
@@ -78,7 +80,7 @@ def bm25_scores(train_docs: Sequence[np.ndarray], query_docs: Sequence[np.ndarra
     Reference: Robertson & Zaragoza 2009, "The Probabilistic Relevance Framework: BM25 and Beyond".
     """
     if k1 < 0 or not 0.0 <= b <= 1.0:
-        raise ValueError(f"need k1 >= 0 and 0 <= b <= 1; got k1={k1}, b={b}")
+        raise DataError(f"need k1 >= 0 and 0 <= b <= 1; got k1={k1}, b={b}")
     tf_nv, qtf_qv = _count_pair(train_docs, query_docs)
     n = tf_nv.shape[0]
     df_v = np.bincount(tf_nv.indices, minlength=tf_nv.shape[1])

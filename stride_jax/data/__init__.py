@@ -2,8 +2,10 @@
 
 from stride_jax.data._corpus import POEMS, list_plays, shakespeare_plays
 from stride_jax.data._documents import (
+    FORMATS,
     DataError,
     Document,
+    detect_format,
     iter_documents,
     read_dir,
     read_documents,
@@ -21,10 +23,12 @@ from stride_jax.data._tokenize import (
 )
 
 __all__ = [
+    "FORMATS",
     "POEMS",
     "DataError",
     "Document",
     "TokenizedSet",
+    "detect_format",
     "iter_documents",
     "list_plays",
     "load_tokenized",

@@ -6,6 +6,8 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
+from stride_jax.errors import DataError
+
 __all__ = ["split_ids"]
 
 
@@ -28,16 +30,16 @@ def split_ids(
     Returns, for each part, the ascending indices into ``ids`` of its members.
     """
     if not fractions:
-        raise ValueError("fractions is empty; pass e.g. {'train': 0.9, 'heldout': 0.1}")
+        raise DataError("fractions is empty; pass e.g. {'train': 0.9, 'heldout': 0.1}")
     names = list(fractions)
     fracs = [float(fractions[k]) for k in names]
     if any(not math.isfinite(f) or f < 0 for f in fracs):
-        raise ValueError(f"fractions must be finite and non-negative, got {dict(fractions)}")
+        raise DataError(f"fractions must be finite and non-negative, got {dict(fractions)}")
     if abs(sum(fracs) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must sum to 1, got {dict(fractions)} (sum {sum(fracs):g})")
+        raise DataError(f"fractions must sum to 1, got {dict(fractions)} (sum {sum(fracs):g})")
     keys = list(ids) if groups is None else list(groups)
     if len(keys) != len(ids):
-        raise ValueError(f"groups has {len(keys)} entries but ids has {len(ids)}")
+        raise DataError(f"groups has {len(keys)} entries but ids has {len(ids)}")
 
     unique = sorted(set(keys), key=lambda k: (_hash(k, seed), k))
     counts = _allocate(len(unique), fracs)

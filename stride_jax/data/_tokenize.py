@@ -62,14 +62,14 @@ class TokenizedSet:
         for name in ("input_ids", "attention_mask", "loss_mask"):
             a = getattr(self, name)
             if a.ndim != 2 or a.shape[0] != n or a.shape != self.input_ids.shape:
-                raise ValueError(
+                raise DataError(
                     f"TokenizedSet.{name} has shape {a.shape}; expected [{n}, seq_len] like input_ids"
                 )
         if self.targets is not None and self.targets.shape != self.input_ids.shape:
-            raise ValueError(f"TokenizedSet.targets has shape {self.targets.shape}; expected "
-                             f"{self.input_ids.shape} like input_ids")
+            raise DataError(f"TokenizedSet.targets has shape {self.targets.shape}; expected "
+                            f"{self.input_ids.shape} like input_ids")
         if len(self.source_ids) != n:
-            raise ValueError(f"TokenizedSet.source_ids has {len(self.source_ids)} entries; expected {n}")
+            raise DataError(f"TokenizedSet.source_ids has {len(self.source_ids)} entries; expected {n}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -91,6 +91,47 @@ class TokenizedSet:
     def num_targets(self) -> np.ndarray:
         """int64 ``[n]``: scored next-token targets per row (``loss_mask.sum(1)``)."""
         return self.loss_mask.sum(axis=1, dtype=np.int64)
+
+    @classmethod
+    def from_arrays(cls, input_ids: Any, attention_mask: Any = None, completion_mask: Any = None,
+                    *, ids: Sequence[str] | None = None) -> TokenizedSet:
+        """Rows from token arrays you already have; the next-token shift is applied here.
+
+        Args:
+          input_ids: int ``[n, L]`` token ids, one row per example (NumPy, JAX or lists).
+          attention_mask: ``[n, L]``, 1 on real tokens and 0 on padding (padding on the right);
+            default all ones.
+          completion_mask: ``[n, L]``, 1 on the tokens whose prediction is scored (e.g. an
+            answer after its prompt); default every real token. The first token of a row is
+            never scored (nothing predicts it).
+          ids: ``n`` row ids (default ``"0" .. "n-1"``).
+
+        ``loss_mask[:, t] = attention_mask[:, t+1] * completion_mask[:, t+1]`` (the position that
+        *predicts* token ``t + 1``; the last column is 0), as :class:`TokenizedSet` defines it.
+        """
+        x = np.asarray(input_ids)
+        if x.ndim != 2 or x.shape[1] < 2 or not (x.size == 0 or np.issubdtype(x.dtype, np.integer)):
+            raise DataError(f"input_ids must be an integer [rows, seq_len] array with seq_len >= 2 "
+                            f"(one next-token target), got {x.dtype} of shape {x.shape}")
+        if x.size and x.min() < 0:
+            raise DataError(f"input_ids holds negative token ids ({int(x.min())}); pad with a "
+                            f"real token id and mark the padding in attention_mask")
+        masks = {}
+        for name, m in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
+            a = np.ones(x.shape, np.int32) if m is None else np.asarray(m)
+            if a.shape != x.shape:
+                raise DataError(f"{name} has shape {a.shape}; expected {x.shape} like input_ids")
+            if a.size and not np.isin(a, (0, 1)).all():
+                raise DataError(f"{name} must hold only 0 and 1")
+            masks[name] = a.astype(np.int32)
+        attention = masks["attention_mask"]
+        loss = np.zeros(x.shape, np.int32)
+        loss[:, :-1] = attention[:, 1:] * masks["completion_mask"][:, 1:]
+        n = x.shape[0]
+        names = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
+        if len(names) != n:
+            raise DataError(f"ids has {len(names)} entries for {n} rows")
+        return cls(names, x.astype(np.int32), attention, loss, list(names))
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> TokenizedSet:
         """Rows ``indices``, in that order (e.g. one split from :func:`split_ids`)."""
@@ -195,7 +236,7 @@ def tokenize_to_disk(
     """
     from stride_jax.io.atomic import atomic_path
     if chunk_docs < 1:
-        raise ValueError(f"chunk_docs={chunk_docs}: need at least 1 document per chunk")
+        raise DataError(f"chunk_docs={chunk_docs}: need at least 1 document per chunk")
     rows = _RowBuilder.create(
         tokenizer, seq_len, mode=mode, min_tokens=min_tokens, truncate=truncate, add_eos=add_eos,
         add_bos=add_bos, specials=specials, too_long_fix=too_long_fix)
@@ -349,17 +390,17 @@ class _RowBuilder:
                truncate: bool, add_eos: bool, add_bos: bool, specials: SpecialIds | None,
                too_long_fix: str | None) -> _RowBuilder:
         if mode not in ("chunk", "document"):
-            raise ValueError(f'mode must be "chunk" or "document", got {mode!r}')
+            raise DataError(f'mode must be "chunk" or "document", got {mode!r}')
         if seq_len < 2:
-            raise ValueError(f"seq_len={seq_len}: need at least 2 tokens for one next-token target")
+            raise DataError(f"seq_len={seq_len}: need at least 2 tokens for one next-token target")
         if min_tokens is None:
             min_tokens = max(seq_len // 4, 2)
         if not 1 <= min_tokens <= seq_len:
-            raise ValueError(f"min_tokens={min_tokens} must lie in [1, seq_len={seq_len}]")
+            raise DataError(f"min_tokens={min_tokens} must lie in [1, seq_len={seq_len}]")
         backend = as_backend(tokenizer)
         sp = specials if specials is not None else special_ids(tokenizer)
         if add_bos and sp.bos_id is None:
-            raise ValueError("add_bos=True but the tokenizer has no bos token")
+            raise DataError("add_bos=True but the tokenizer has no bos token")
         return cls(backend=backend, seq_len=seq_len, mode=mode, min_tokens=min_tokens,
                    truncate=truncate, head=[sp.bos_id] if add_bos else [],
                    tail=[sp.eos_id] if add_eos and sp.eos_id is not None else [],

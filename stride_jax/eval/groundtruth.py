@@ -33,8 +33,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from stride_jax.config import option, to_dict
-from stride_jax.io.atomic import atomic_write_text, load_npy, save_npy
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
+from stride_jax.errors import ConfigError, DataError, ModelError, NonFiniteError
+from stride_jax.io.atomic import load_npy, save_npy, write_json
 from stride_jax.io.stamps import complete_stage, open_stage
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,14 @@ class GroundTruthConfig:
     parallel: int = option(8, "retrains run at once (vmapped model copies); memory grows with it")
     seed: int = option(0, "seed of the subset draws (retrains reuse the attributed model's seed)")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"num_subsets": ">= 3", "alpha": "in (0, 1)", "parallel": ">= 1",
+                            "seed": SEED_RANGE},
+                     fixes={"num_subsets": "a rank correlation needs a few retrains (paper: "
+                                           "256)",
+                            "alpha": "the fraction of the training set in each subset (paper: "
+                                     "0.3)"})
+
 
 class GroundTruth(NamedTuple):
     masks_sn: np.ndarray     # bool [S, n]
@@ -62,19 +71,19 @@ class GroundTruth(NamedTuple):
 def validate(cfg: GroundTruthConfig, n: int) -> int:
     """Check the config against ``n``; return the subset size ``m``."""
     if n < 2:
-        raise ValueError(f"ground truth needs at least 2 training examples, got {n}")
+        raise ConfigError(f"ground truth needs at least 2 training examples, got {n}")
     if cfg.num_subsets < 3:
-        raise ValueError(f"groundtruth.num_subsets={cfg.num_subsets} is too few for a rank "
-                         f"correlation; use >= 3 (paper: 256)")
+        raise ConfigError(f"groundtruth.num_subsets={cfg.num_subsets} is too few for a rank "
+                          f"correlation; use >= 3 (paper: 256)")
     if cfg.parallel < 1:
-        raise ValueError(f"groundtruth.parallel={cfg.parallel} must be >= 1")
+        raise ConfigError(f"groundtruth.parallel={cfg.parallel} must be >= 1")
     if not 0.0 < cfg.alpha < 1.0:
-        raise ValueError(f"groundtruth.alpha={cfg.alpha} must lie strictly between 0 and 1 "
-                         f"(paper: 0.3)")
+        raise ConfigError(f"groundtruth.alpha={cfg.alpha} must lie strictly between 0 and 1 "
+                          f"(paper: 0.3)")
     m = int(round(cfg.alpha * n))
     if not 1 <= m < n:
-        raise ValueError(f"groundtruth.alpha={cfg.alpha} gives subsets of {m} of {n} examples; "
-                         f"raise alpha (or n) so that 1 <= alpha * n < n")
+        raise ConfigError(f"groundtruth.alpha={cfg.alpha} gives subsets of {m} of {n} examples; "
+                          f"raise alpha (or n) so that 1 <= alpha * n < n")
     return m
 
 
@@ -131,8 +140,8 @@ def run_groundtruth(retrain: RetrainFn, *, n: int, num_queries: int, cfg: Ground
         for f in sorted((out / "chunks").glob("*.npy")):
             a = load_npy(f)
             if a.ndim != 2 or a.shape[1] != num_queries:
-                raise ValueError(f"{f} holds losses of shape {a.shape}, not [p, {num_queries}]; "
-                                 f"the directory is corrupt: delete it or pass --overwrite")
+                raise DataError(f"{f} holds losses of shape {a.shape}, not [p, {num_queries}]; "
+                                f"the directory is corrupt: delete it or pass --overwrite")
             done[int(f.stem)] = a
 
     losses = np.full((S, num_queries), np.nan, np.float64)
@@ -163,11 +172,11 @@ def run_groundtruth(retrain: RetrainFn, *, n: int, num_queries: int, cfg: Ground
         got = np.asarray(retrain(idx), np.float64)[: len(chunk)]
         timings.append(time.perf_counter() - tc)
         if got.shape != (len(chunk), num_queries):
-            raise ValueError(f"retrain returned shape {got.shape}; expected [{len(chunk)}, "
+            raise ModelError(f"retrain returned shape {got.shape}; expected [{len(chunk)}, "
                              f"{num_queries}]")
         if not np.isfinite(got).all():
             bad = chunk[int(np.argwhere(~np.isfinite(got))[0][0])]
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"retraining on subset {bad} gave a non-finite query loss; lower the recipe's "
                 f"learning rate (finished subsets are kept in {out}/chunks)" if out else
                 f"retraining on subset {bad} gave a non-finite query loss; lower the learning rate")
@@ -187,7 +196,7 @@ def run_groundtruth(retrain: RetrainFn, *, n: int, num_queries: int, cfg: Ground
     if out is not None:
         save_npy(out / "masks.npy", masks)
         save_npy(out / "losses.npy", losses)
-        atomic_write_text(out / "groundtruth.json", json.dumps(info, indent=1, default=str) + "\n")
+        write_json(out / "groundtruth.json", info, indent=1, default=str)
         complete_stage(out, "groundtruth", payload)
     return GroundTruth(masks, losses, info)
 
@@ -195,10 +204,18 @@ def run_groundtruth(retrain: RetrainFn, *, n: int, num_queries: int, cfg: Ground
 def load_groundtruth(directory: str | Path) -> GroundTruth:
     """A finished ground-truth directory (see the module docstring)."""
     d = Path(directory)
+    if d.is_file():
+        raise FileNotFoundError(f"{d} is a file, not a ground-truth directory; pass the --out "
+                                f"directory of `stride-jax groundtruth`")
     missing = [f for f in ("masks.npy", "losses.npy", "groundtruth.json") if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{d} is not a finished ground-truth directory (missing "
                                 f"{', '.join(missing)}); run `stride-jax groundtruth` into it "
                                 f"(it resumes an unfinished one)")
-    return GroundTruth(load_npy(d / "masks.npy"), load_npy(d / "losses.npy"),
-                       json.loads((d / "groundtruth.json").read_text()))
+    fix = "rerun `stride-jax groundtruth` into it (it resumes an unfinished one)"
+    try:
+        info = json.loads((d / "groundtruth.json").read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{d / 'groundtruth.json'} is not valid JSON ({e}); {fix}") from None
+    return GroundTruth(load_npy(d / "masks.npy", hint=fix), load_npy(d / "losses.npy", hint=fix),
+                       info)

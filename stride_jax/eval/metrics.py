@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.stats import rankdata
 
+from stride_jax.errors import DataError
+
 __all__ = ["LDSResult", "Summary", "counterfactual_summary", "lds", "spearman", "summarize"]
 
 logger = logging.getLogger(__name__)
@@ -70,9 +72,9 @@ def summarize(values: np.ndarray, *, bootstrap: int = 1000, confidence: float = 
     ``bootstrap=0`` skips it (NaN bounds). With no finite values everything is NaN and ``n=0``.
     """
     if bootstrap < 0:
-        raise ValueError(f"bootstrap must be >= 0 (got {bootstrap}); use 0 to skip the CI")
+        raise DataError(f"bootstrap must be >= 0 (got {bootstrap}); use 0 to skip the CI")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1) (got {confidence}), e.g. 0.95")
+        raise DataError(f"confidence must be in (0, 1) (got {confidence}), e.g. 0.95")
     v = np.asarray(values, np.float64).ravel()
     v = v[np.isfinite(v)]
     n = v.size
@@ -137,35 +139,35 @@ def _validate_lds(scores_qn: np.ndarray, masks_sn: np.ndarray, losses_sq: np.nda
     for name, x, shape in (("scores_qn", scores_qn, "[Q, n]"), ("masks_sn", masks_sn, "[S, n]"),
                            ("losses_sq", losses_sq, "[S, Q]")):
         if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D {shape}; got shape {x.shape}")
+            raise DataError(f"{name} must be 2-D {shape}; got shape {x.shape}")
     (q, n), (s, n_m), (s_l, q_l) = scores_qn.shape, masks_sn.shape, losses_sq.shape
     if n_m != n:
-        raise ValueError(f"masks_sn {masks_sn.shape} and scores_qn {scores_qn.shape} disagree on "
-                         f"the number of training examples ({n_m} vs {n}); masks_sn must be "
-                         f"[S, n] over the same training examples, in the same order, as scores_qn")
+        raise DataError(f"masks_sn {masks_sn.shape} and scores_qn {scores_qn.shape} disagree on "
+                        f"the number of training examples ({n_m} vs {n}); masks_sn must be "
+                        f"[S, n] over the same training examples, in the same order, as scores_qn")
     if (s_l, q_l) != (s, q):
         hint = (" (it looks like [Q, S]: pass losses_sq.T)" if (s_l, q_l) == (q, s) else "")
-        raise ValueError(f"losses_sq must be [S, Q] = [{s}, {q}] (subsets of masks_sn x queries "
-                         f"of scores_qn); got {losses_sq.shape}{hint}")
+        raise DataError(f"losses_sq must be [S, Q] = [{s}, {q}] (subsets of masks_sn x queries "
+                        f"of scores_qn); got {losses_sq.shape}{hint}")
     if s < 3:
-        raise ValueError(f"LDS needs at least 3 subsets to rank (got S={s}); retrain on more "
-                         f"subsets (typically 100+)")
+        raise DataError(f"LDS needs at least 3 subsets to rank (got S={s}); retrain on more "
+                        f"subsets (typically 100+)")
     if masks_sn.dtype != np.bool_:
         bad = ~np.isin(masks_sn, (0, 1))
         if bad.any():
             rows = np.flatnonzero(bad.any(1))
-            raise ValueError(f"masks_sn must be boolean or 0/1; subsets {_first(rows)} hold other "
-                             f"values (e.g. {masks_sn[bad][0]!r}); pass membership masks, not "
-                             f"counts or weights")
+            raise DataError(f"masks_sn must be boolean or 0/1; subsets {_first(rows)} hold other "
+                            f"values (e.g. {masks_sn[bad][0]!r}); pass membership masks, not "
+                            f"counts or weights")
     bad_q = np.flatnonzero(~np.isfinite(scores_qn).all(1))
     if bad_q.size:
-        raise ValueError(f"scores_qn has NaN/inf in queries {_first(bad_q)}; fix or drop those "
-                         f"queries before evaluating")
+        raise DataError(f"scores_qn has NaN/inf in queries {_first(bad_q)}; fix or drop those "
+                        f"queries before evaluating")
     bad = ~np.isfinite(losses_sq)
     if bad.any():
-        raise ValueError(f"losses_sq has NaN/inf in subsets {_first(np.flatnonzero(bad.any(1)))}"
-                         f" (queries {_first(np.flatnonzero(bad.any(0)))}); a retrained model "
-                         f"probably diverged: retrain it or drop the subset")
+        raise DataError(f"losses_sq has NaN/inf in subsets {_first(np.flatnonzero(bad.any(1)))}"
+                        f" (queries {_first(np.flatnonzero(bad.any(0)))}); a retrained model "
+                        f"probably diverged: retrain it or drop the subset")
 
 
 def lds(scores_qn: np.ndarray, masks_sn: np.ndarray, losses_sq: np.ndarray, *,
@@ -232,13 +234,13 @@ def counterfactual_summary(loss_base_q: np.ndarray, loss_removed_top_q: np.ndarr
     if rand.ndim == 2:
         rand = rand.mean(0)
     if base.ndim != 1 or top.shape != base.shape or rand.shape != base.shape:
-        raise ValueError(f"losses must be [Q] (random may be [R, Q]) with the same Q; got base "
-                         f"{base.shape}, top {top.shape}, random {np.shape(loss_removed_random_q)}")
+        raise DataError(f"losses must be [Q] (random may be [R, Q]) with the same Q; got base "
+                        f"{base.shape}, top {top.shape}, random {np.shape(loss_removed_random_q)}")
     for name, x in (("loss_base_q", base), ("loss_removed_top_q", top),
                     ("loss_removed_random_q", rand)):
         bad = np.flatnonzero(~np.isfinite(x))
         if bad.size:
-            raise ValueError(f"{name} has NaN/inf at queries {_first(bad)}; drop those queries")
+            raise DataError(f"{name} has NaN/inf at queries {_first(bad)}; drop those queries")
     up_top, up_rand = top - base, rand - base
     diff = summarize(up_top - up_rand, bootstrap=bootstrap, confidence=confidence, seed=seed)
     return {"mean_increase_top": _json_float(float(up_top.mean())) if base.size else None,

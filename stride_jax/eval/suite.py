@@ -17,7 +17,8 @@ import numpy as np
 
 from stride_jax import methods as _methods
 from stride_jax.attributor import AttributeConfig
-from stride_jax.config import option
+from stride_jax.config import SEED_RANGE, check_ranges, option
+from stride_jax.errors import ConfigError
 from stride_jax.eval.groundtruth import GroundTruthConfig
 from stride_jax.steering import LMFunctions
 from stride_jax.tasks._base import Task
@@ -44,6 +45,9 @@ class TaskConfig:
                                                "stride_jax.methods)")
     seed: int = option(0, "seed of the methods' randomness (projections, sampled labels)")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"seed": SEED_RANGE})
+
 
 def build_task(cfg: TaskConfig) -> Task:
     """Train the task's model (deterministic in the config) and wire up its retraining."""
@@ -56,7 +60,7 @@ def build_task(cfg: TaskConfig) -> Task:
     if cfg.kind == "finetune":
         from stride_jax.tasks.lm import build_finetune_task
         return build_finetune_task(cfg.finetune)
-    raise ValueError(f"unknown task kind {cfg.kind!r}; use digits, pretrain or finetune")
+    raise ConfigError(f"unknown task kind {cfg.kind!r}; use digits, pretrain or finetune")
 
 
 def task_lm(task: Task, layer: int | None) -> LMFunctions:
@@ -85,7 +89,7 @@ def counterfactual(task: Task, scores_qn: np.ndarray, *, k: int, queries: np.nda
     """
     n = task.n
     if not 1 <= k < n:
-        raise ValueError(f"counterfactual k={k} must lie in 1 .. {n - 1}")
+        raise ConfigError(f"counterfactual k={k} must lie in 1 .. {n - 1}")
     queries = np.asarray(queries)
     keep_top = []
     for q in queries:

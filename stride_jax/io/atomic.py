@@ -8,12 +8,19 @@ directory because ``os.replace`` is only atomic within one filesystem.
 
 A write that fails because the disk (or the quota) is full raises :class:`DiskFullError`, which
 names the file and says what to do; the temporary file is removed and the previous file is kept.
+
+NaN and infinity never reach a file: :func:`save_npy`, :func:`save_npz` and :func:`json_text` /
+:func:`write_json` refuse them (:class:`~stride_jax.errors.NonFiniteError`, a
+``FloatingPointError``, naming the file), so a computation that went wrong upstream
+stops with an error instead of leaving a result that looks finished.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -21,23 +28,24 @@ from pathlib import Path
 
 import numpy as np
 
+from stride_jax.errors import DataError, DiskFullError, NonFiniteError
+
 __all__ = [
     "DiskFullError",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "is_writer",
+    "json_text",
     "load_npy",
     "save_npy",
+    "save_npz",
+    "write_json",
 ]
 
 
 # errno values that mean "no room to write": the device is full, or the user's quota is spent.
 _FULL = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
-
-
-class DiskFullError(OSError):
-    """A write failed for lack of disk space; the previous file (if any) is intact."""
 
 
 def _disk_full(target: Path) -> DiskFullError:
@@ -140,16 +148,93 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     atomic_write_bytes(path, text.encode(encoding))
 
 
-def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    """Save ``array`` as a ``.npy`` file atomically. Object arrays are refused (no pickles)."""
+def _nonfinite_error(what: str, detail: str) -> NonFiniteError:
+    return NonFiniteError(
+        f"refusing to write {what}: {detail} is NaN or infinite, and no output may hold one; "
+        f"nothing was written (a computation upstream went wrong: rerun with -v for where, and "
+        f"report it if the inputs are sound)")
+
+
+def _checked(path, array, name: str = "") -> np.ndarray:
+    """``array`` as NumPy, refusing object dtypes (pickle) and NaN/inf (:class:`NonFiniteError`)."""
     arr = np.asarray(array)
+    what = f"{path}[{name!r}]" if name else str(path)
     if arr.dtype.hasobject:
-        raise ValueError(f"save_npy: refusing to save an object array to {path} (it would need pickle)")
+        raise ValueError(f"refusing to save an object array to {what} (it would need pickle)")
+    if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise _nonfinite_error(what, f"{int(bad.sum())} of its {arr.size} values (first at "
+                                     f"index {first})")
+    return arr
+
+
+def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Save ``array`` as a ``.npy`` file atomically. Object arrays are refused (no pickles), and
+    so are NaN/inf values (:class:`NonFiniteError`)."""
+    arr = _checked(path, array)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
 
 
-def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
-    """Load a ``.npy`` file written by :func:`save_npy` (``allow_pickle=False``)."""
-    return np.load(path, allow_pickle=False)
+def _first_nonfinite(obj, where: str = "") -> str | None:
+    if isinstance(obj, float) or isinstance(obj, np.floating):
+        return None if math.isfinite(obj) else (where or "a value")
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _first_nonfinite(v, f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def json_text(obj, *, what: str, **kwargs) -> str:
+    """``json.dumps(obj, **kwargs)`` that refuses NaN/inf (not JSON; readers choke or misread
+    them) with a :class:`NonFiniteError` naming ``what`` and the first offending key."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError as e:
+        where = _first_nonfinite(obj)
+        if where is None and "Out of range float" not in str(e):
+            raise
+        raise _nonfinite_error(what, f"the value at {where or '?'}") from None
+
+
+def write_json(path: str | os.PathLike[str], obj, **kwargs) -> None:
+    """Write ``obj`` as JSON (plus a newline) atomically, refusing NaN/inf (:func:`json_text`)."""
+    atomic_write_text(path, json_text(obj, what=str(path), **kwargs) + "\n")
+
+
+def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+    """Save named arrays as an (uncompressed) ``.npz`` file atomically; object arrays and NaN/inf
+    values are refused as by :func:`save_npy`."""
+    checked = {name: _checked(path, a, name) for name, a in arrays.items()}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **checked)
+
+
+def load_npy(path: str | os.PathLike[str], *, what: str = ".npy array", hint: str = "",
+             mmap_mode: str | None = None) -> np.ndarray:
+    """Load a ``.npy`` file written by :func:`save_npy` (``allow_pickle=False``).
+
+    A file that is not one (no ``.npy`` header, truncated, an object array that would need
+    pickle) raises :class:`DataError` naming the file, ``what`` it should hold and the ``hint``.
+    The header is checked first: NumPy reads any other file as a pickle.
+    """
+    tail = f"; {hint}" if hint else ""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        what_is = "it is empty" if not magic else "it lacks the .npy header"
+        raise DataError(f"{path} is not a .npy file ({what_is}){tail}")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path} is not a {what} ({e}){tail}") from None

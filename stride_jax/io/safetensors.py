@@ -33,6 +33,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from stride_jax.errors import SafetensorsError
 from stride_jax.io.atomic import atomic_path
 
 __all__ = [
@@ -74,10 +75,6 @@ _CODES: dict[np.dtype, str] = {dt.newbyteorder("="): code for code, dt in DTYPES
 # The reference implementation refuses headers above 100 MB; a larger value means garbage.
 _MAX_HEADER = 100_000_000
 _METADATA_KEY = "__metadata__"
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file (or sharded checkpoint) is missing, damaged or cannot be written."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stride_jax.errors import ModelError
 from stride_jax.model.config import ModelConfig
 from stride_jax.model.taps import tap
 
@@ -86,7 +87,7 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv = jnp.where(medium, smoothed, scaled)
     elif rs.kind != "default":
-        raise ValueError(f"rope scaling {rs.kind!r} is not supported (default, linear, llama3)")
+        raise ModelError(f"rope scaling {rs.kind!r} is not supported (default, linear, llama3)")
     return inv
 
 
@@ -163,7 +164,7 @@ def _activation(name: str):
         return lambda x: jax.nn.gelu(x, approximate=False)
     if name == "relu":
         return jax.nn.relu
-    raise ValueError(f"unsupported activation {name!r}")
+    raise ModelError(f"unsupported activation {name!r}")
 
 
 class MLP(nnx.Module):

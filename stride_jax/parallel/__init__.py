@@ -40,7 +40,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
+from stride_jax.errors import ConfigError
 from stride_jax.io.atomic import is_writer  # the one rule: process 0 logs and writes
 
 SUBSETS = "subsets"
@@ -88,8 +89,24 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         if self.model not in ("auto", "replicate", "fsdp"):
-            raise ValueError(f"parallel.model must be 'auto', 'replicate' or 'fsdp', got "
-                             f"{self.model!r}")
+            raise ConfigError(f"parallel.model must be 'auto', 'replicate' or 'fsdp', got "
+                              f"{self.model!r}")
+        extra = []
+        if (self.num_processes is not None and self.process_id is not None
+                and self.process_id >= self.num_processes >= 1):
+            extra.append(("process_id", self.process_id,
+                          f"must be below num_processes={self.num_processes} (ranks count from 0)"))
+        check_ranges(self, {"devices": ">= 0", "num_processes": ">= 1", "process_id": ">= 0",
+                            "fsdp_min_size": ">= 0", "solver_devices": ">= 0"},
+                     fixes={"devices": "0 uses all devices",
+                            "solver_devices": "0 uses all local devices"}, extra=extra)
+
+
+def indivisible(devices: int, value: int) -> str:
+    """What to say of a size of the subset axis (``value``) that ``devices`` do not divide."""
+    return (f"not divisible by the {devices} devices of parallel.devices: the subset axis is "
+            f"split evenly over devices; use a multiple of {devices} (e.g. "
+            f"{devices * max(1, value // devices)}) or change parallel.devices")
 
 
 def _env_int(name: str) -> int | None:
@@ -99,7 +116,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(v)
     except ValueError:
-        raise ValueError(f"environment variable {name}={v!r} must be an integer") from None
+        raise ConfigError(f"environment variable {name}={v!r} must be an integer") from None
 
 
 def initialize(cfg: ParallelConfig | None) -> bool:
@@ -161,11 +178,7 @@ class SubsetMesh:
         bad = {k: v for k, v in sizes.items() if v % self.size}
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise ValueError(
-                f"{shown} not divisible by the {self.size} devices of parallel.devices: the "
-                f"subset axis is split evenly over devices; use a multiple of {self.size} "
-                f"(e.g. {self.size * max(1, min(bad.values()) // self.size)}) or change "
-                f"parallel.devices")
+            raise ConfigError(f"{shown} {indivisible(self.size, min(bad.values()))}")
 
     def shard(self, x: Any) -> Any:
         """Place a pytree with its leading (subset) axis split over the devices."""
@@ -210,15 +223,15 @@ def _mesh_devices(want: int) -> list:
     if want == 0:
         want = len(devices)
     if want < 0:
-        raise ValueError(f"parallel.devices={want} must be >= 0 (0: all devices)")
+        raise ConfigError(f"parallel.devices={want} must be >= 0 (0: all devices)")
     if want > len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"parallel.devices={want} but {'this process sees' if P_ == 1 else 'the job has'} "
             f"{len(devices)} {devices[0].platform} device(s); lower parallel.devices (0 uses "
             f"all), or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={want} "
             f"before JAX starts")
     if want % P_:
-        raise ValueError(
+        raise ConfigError(
             f"parallel.devices={want} is not a multiple of the {P_} processes: each process "
             f"contributes the same number of devices; use a multiple of {P_} (0: all)")
     per = want // P_
@@ -244,7 +257,7 @@ def make_query_mesh(cfg: ParallelConfig | int | None) -> Mesh | None:
     if want == 0:
         want = len(local)
     if not 1 <= want <= len(local):
-        raise ValueError(
+        raise ConfigError(
             f"parallel.solver_devices={want} but this process has {len(local)} device(s); use "
             f"1..{len(local)} (0: all)")
     return None if want == 1 else Mesh(np.array(local[:want]), (QUERIES,))

@@ -6,7 +6,13 @@ and per device, and (given a budget) shrinks the chunk sizes that do not change 
 Settings that do change results (``train.subsets_per_step``, rows, tokens, K, rank) are never
 touched: when they do not fit, the plan refuses, naming the stage and the settings to lower.
 
-Estimates, in float32 bytes (``b`` rows and ``bs`` stability rows per subset, ``T'`` scored
+Closed-form operators (the default, :func:`_closed_form_stages`): per device one batch of
+``B`` rows, ``c_closed * 4 B T (D + 2 V + C + k)`` (the softmax, the site gradients and the
+whitened terms) plus the batch's gradients ``4 B D k``; the factors ``D^2 + C^2`` (``C`` for a
+diagonal Fisher); the queries' whitened gradients ``4 Q D k``; the scores ``4 Q n`` (dense) or
+``24 Q topk``. ``closed_form.batch_size`` is the result-neutral knob.
+
+Trained operators, estimates in float32 bytes (``b`` rows and ``bs`` stability rows per subset, ``T'`` scored
 positions per row, ``S`` subsets per device per step, ``C`` the operator output width, ``V`` the
 vocabulary, ``D`` devices):
 
@@ -39,6 +45,8 @@ import math
 import re
 from typing import Any
 
+from stride_jax.errors import ConfigError, MemoryBudgetError
+
 __all__ = ["MemoryBudgetError", "MemoryPlan", "Shapes", "StageMemory", "cache_on_disk", "format_bytes",
            "parse_bytes", "plan_memory", "scores_dense"]
 
@@ -46,10 +54,7 @@ __all__ = ["MemoryBudgetError", "MemoryPlan", "Shapes", "StageMemory", "cache_on
 C_TRAIN = 2.5
 C_MEASURE = 2.0
 C_SOLVE = 6.0
-
-
-class MemoryBudgetError(ValueError):
-    """No chunking of the result-neutral settings fits the budget."""
+C_CLOSED = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +119,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read the memory size {text!r}; write e.g. 24GiB, 8GB or 512MiB")
+        raise ConfigError(f"cannot read the memory size {text!r}; write e.g. 24GiB, 8GB or 512MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -132,7 +137,7 @@ def cache_on_disk(cache_cfg, *, rows: int, seq_len: int, width: int, has_workdir
         return False
     if not has_workdir:
         if cache_cfg.location == "disk":
-            raise ValueError("cache.location=disk needs a run directory (workdir / --out)")
+            raise ConfigError("cache.location=disk needs a run directory (workdir / --out)")
         return False
     if cache_cfg.location == "disk":
         return True
@@ -148,7 +153,47 @@ def scores_dense(cfg, *, num_queries: int, n: int) -> bool:
     return 4 * num_queries * n <= parse_bytes(cfg.scores_memory_limit)
 
 
+def closed_form_dims(cfg, s: Shapes) -> tuple[int, int, int, bool]:
+    """``(D, C, k, full)`` of closed-form operators: reader width, site width, the output side's
+    width after projection, and whether the site Fisher is kept in full."""
+    C = s.vocab if cfg.steering.site == "logits" else s.d_final
+    D = s.d_reader
+    cf = cfg.closed_form
+    k = C if D * C <= cf.max_dim else max(1, cf.max_dim // D)
+    return D, C, k, C <= cf.full_metric_limit or cfg.steering.site != "logits"
+
+
+def _closed_form_stages(cfg, s: Shapes, devices: int) -> list[StageMemory]:
+    """Closed-form operators: two streamed passes over the training rows and one over the
+    queries; per device one batch of rows (its V-wide softmax and site gradients, and its
+    whitened gradients ``B D k``), the factors, and the queries' gradients ``Q D k``."""
+    D, C, k, full = closed_form_dims(cfg, s)
+    V, T, Q = s.vocab, s.seq_len, s.num_queries
+    B = -(-cfg.closed_form.batch_size // devices)          # rows per device per batch
+    p = s.params_bytes // devices if cfg.parallel.model == "fsdp" else s.params_bytes
+    tokens = 12 * s.n * T
+    factors = 8 * (D * D + (C * C if full else C)) + 4 * (D * D + C * k)
+    batch = C_CLOSED * 4 * B * T * (D + 2 * V + C + k) + 4 * B * D * k
+    if cfg.steering.site == "final_hidden":
+        batch += 4 * s.d_final * V                          # the unembedding U
+    stats = 4 * (D * D + (C * C if full else C))
+    g_q = 4 * Q * D * k
+    dense = scores_dense(cfg, num_queries=Q, n=s.n)
+    scores = 4 * Q * s.n if dense else 24 * Q * cfg.topk + 4 * Q * B * devices
+    return [
+        StageMemory("factors", tokens + factors, int(p + batch + stats),
+                    f"A {D}x{D}, S {C}x{C if full else 1} ({'full' if full else 'diagonal'}), "
+                    f"batch_size={B * devices}"),
+        StageMemory("queries", tokens + g_q, int(p + batch + 4 * D * k + 4 * C * k),
+                    f"{Q} query gradients of {D}x{k}"),
+        StageMemory("scores", int(tokens + g_q + scores), int(p + batch + g_q + 4 * C * k),
+                    f"n={s.n}, scores {'dense' if dense else f'top {cfg.topk}'}"),
+    ]
+
+
 def _stages(cfg, s: Shapes, devices: int, *, has_workdir: bool = True) -> list[StageMemory]:
+    if getattr(cfg, "operators", "trained") == "closed_form":
+        return _closed_form_stages(cfg, s, devices)
     from stride_jax.subsets import default_num_subsets
     d = cfg.design.per_example
     K = cfg.design.num_subsets or default_num_subsets(s.n, d)
@@ -229,8 +274,14 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
     def by_name(name):
         return next(s for s in stages if s.stage == name)
 
+    if getattr(cfg, "operators", "trained") == "closed_form":
+        # The one result-neutral knob: rows per forward pass.
+        while any(over(st) for st in stages) and cfg.closed_form.batch_size > max(1, devices):
+            cfg = dataclasses.replace(cfg, closed_form=dataclasses.replace(
+                cfg.closed_form, batch_size=max(devices, cfg.closed_form.batch_size // 2)))
+            stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
     # Shrink the result-neutral chunks, halving the largest contributor first.
-    for _ in range(64):
+    for _ in range(64 if getattr(cfg, "operators", "trained") != "closed_form" else 0):
         if by_name("measure").device <= (dev_b or math.inf) or (
                 cfg.measure.subset_chunk <= devices and cfg.measure.query_batch <= 1):
             break
@@ -249,7 +300,7 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
             cfg.solve, query_chunk=max(1, cfg.solve.query_chunk // 2)))
         stages = _stages(cfg, shapes, devices, has_workdir=has_workdir)
     for section, key in (("measure", "query_batch"), ("measure", "subset_chunk"),
-                         ("solve", "query_chunk")):
+                         ("solve", "query_chunk"), ("closed_form", "batch_size")):
         was, now = getattr(getattr(original, section), key), getattr(getattr(cfg, section), key)
         if was != now:
             changes.append(f"{section}.{key}: {was} -> {now}")
@@ -265,6 +316,11 @@ def plan_memory(cfg, shapes: Shapes, *, budget: int | str | None = None, devices
                      "or train.tokens_per_row, use the final_hidden site (C = d_model instead of "
                      "the vocabulary), or shard over more devices (parallel.devices)",
             "measure": "shard over more devices (parallel.devices) or use the final_hidden site",
+            "factors": "use the final_hidden site (its Fisher is d x d, not V x V), lower "
+                       "closed_form.full_metric_limit (a diagonal Fisher) or closed_form.max_dim",
+            "queries": "attribute fewer queries per run, or lower closed_form.max_dim",
+            "scores": "set scores=topk (each query's top scores instead of the dense Q x n "
+                      "matrix), attribute fewer queries per run, or lower closed_form.max_dim",
             "solve": "set scores=topk (keep each query's top scores instead of the dense "
                      "Q x n matrix), lower design.num_subsets (the ridge Gram is K x K) or use "
                      "solve.estimator=lasso",

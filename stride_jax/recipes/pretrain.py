@@ -16,7 +16,6 @@ training rows, so everything that decides the trained weights lives here and is 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -29,9 +28,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stride_jax.config import dump_config, option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, dump_config, option, to_dict
 from stride_jax.data import (Document, TokenizedSet, read_documents, shakespeare_plays, split_ids,
                              tokenize_documents)
+from stride_jax.errors import DataError, NonFiniteLossError
 from stride_jax.model import CausalLM, ModelConfig, init_model
 from stride_jax.model.loss import mean_token_loss, sequence_nll
 
@@ -57,6 +57,18 @@ class ArchConfig:
     norm_eps: float = option(1e-5, "RMSNorm/LayerNorm epsilon")
     dtype: Literal["float32", "bfloat16"] = option("float32", "compute dtype (params stay float32)")
 
+    def __post_init__(self) -> None:
+        extra = []
+        if (self.family != "gpt2" and self.num_kv_heads >= 1
+                and self.num_heads % self.num_kv_heads):
+            extra.append(("num_heads", self.num_heads,
+                          f"is not a multiple of num_kv_heads={self.num_kv_heads} (each key/value "
+                          f"head serves a whole group of query heads)"))
+        check_ranges(self, {"hidden_size": ">= 1", "num_layers": ">= 1", "num_heads": ">= 1",
+                            "num_kv_heads": ">= 1", "head_dim": ">= 1",
+                            "intermediate_size": ">= 1", "rope_theta": "> 0", "norm_eps": "> 0"},
+                     extra=extra)
+
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
@@ -73,6 +85,15 @@ class CorpusConfig:
                                          "byte-level BPE on the train split")
     vocab_size: int = option(2048, "BPE vocabulary size when training a tokenizer")
 
+    def __post_init__(self) -> None:
+        # Byte-level BPE needs its 256 byte symbols and 2 special tokens before any merge.
+        check_ranges(self, {"seq_len": ">= 2", "heldout_fraction": "in [0, 1)",
+                            "split_seed": SEED_RANGE,
+                            "vocab_size": ">= 1" if self.tokenizer else ">= 259"},
+                     fixes={"seq_len": "a row needs a token and its successor",
+                            "vocab_size": "byte-level BPE needs 256 byte symbols and 2 special "
+                                          "tokens before its first merge"})
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -88,6 +109,15 @@ class OptimConfig:
     batch_size: int = option(32, "rows per step")
     epochs: float = option(2.0, "passes over the training rows; steps = ceil(epochs * n / batch)")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"learning_rate": "> 0", "min_lr_ratio": "in [0, 1]",
+                            "warmup_steps": ">= 0", "weight_decay": ">= 0", "b1": "in [0, 1)",
+                            "b2": "in [0, 1)", "grad_clip": ">= 0", "batch_size": ">= 1",
+                            "epochs": "> 0"},
+                     fixes={"epochs": "a model trained for no step is the random "
+                                      "initialisation",
+                            "grad_clip": "0 disables clipping"})
+
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
@@ -100,6 +130,9 @@ class PretrainConfig:
     log_every: int = option(20, "steps between loss-curve points")
     sample_prompt: str = option("ROMEO.\n", "prompt for the sample printed after training")
     sample_tokens: int = option(40, "tokens to sample after training")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"seed": SEED_RANGE, "log_every": ">= 1", "sample_tokens": ">= 0"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +196,7 @@ def model_config_for(arch: ArchConfig, vocab_size: int, seq_len: int, *,
 
 def num_steps(n_rows: int, optim: OptimConfig) -> int:
     if n_rows < 1:
-        raise ValueError("no training rows: the training set is empty")
+        raise DataError("no training rows: the training set is empty")
     return max(1, math.ceil(optim.epochs * n_rows / optim.batch_size))
 
 
@@ -210,10 +243,6 @@ def _batch(data: TokenizedSet, idx: np.ndarray) -> dict[str, jax.Array]:
     return {"input_ids": jnp.asarray(data.input_ids[idx]),
             "attention_mask": jnp.asarray(data.attention_mask[idx]),
             "loss_mask": jnp.asarray(data.loss_mask[idx])}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or inf."""
 
 
 def train_lm(model_config: ModelConfig, train: TokenizedSet, optim: OptimConfig, *, seed: int,
@@ -319,17 +348,29 @@ class PretrainResult(NamedTuple):
     out_dir: Path | None
 
 
+# What pretrain writes (besides the HF model files); recipe.fingerprint is the demo's stamp of
+# earlier versions, removed as stale.
+PRETRAIN_FILES = ("recipe.yaml", "history.json", "split.json", "recipe.fingerprint")
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *,
-             progress: bool = True) -> PretrainResult:
+             progress: bool = True, overwrite: bool = False) -> PretrainResult:
     """Build the corpus, train a model from scratch, save it as an HF directory.
 
     ``out_dir`` receives ``config.json``, ``model.safetensors``, the tokenizer files,
-    ``recipe.yaml`` (this config), ``history.json`` (loss curve) and ``split.json`` (row ids of
-    each split).
+    ``recipe.yaml`` (this config), ``history.json`` (loss curve), ``split.json`` (row ids of
+    each split) and ``run.json`` (the stamp of :mod:`stride_jax.io.outdir`). A directory that
+    already holds a model (other than one made by this same recipe) is refused before any work
+    unless ``overwrite``, which first removes every model file of the old one.
     """
+    from stride_jax.io.outdir import complete_output_dir, open_output_dir
     from stride_jax.model.generate import generate
-    from stride_jax.model.hf import to_hf
+    from stride_jax.model.hf import HF_MODEL_FILES, to_hf
     from stride_jax.tokenizer import as_backend, special_ids, vocab_size_of
+
+    if out_dir is not None:
+        open_output_dir(out_dir, "pretrain", {"recipe": to_dict(cfg)}, overwrite=overwrite,
+                        artifacts=HF_MODEL_FILES + PRETRAIN_FILES)
 
     corpus = build_corpus(cfg.corpus)
     sp = special_ids(corpus.tokenizer)
@@ -351,14 +392,29 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *,
         out = Path(out_dir)
         to_hf(result.model, out, tokenizer=corpus.tokenizer)
         dump_config(cfg, out / "recipe.yaml")
-        from stride_jax.io.atomic import atomic_write_text
-        atomic_write_text(out / "history.json", json.dumps(
-            {"history": result.history, "heldout_loss": heldout_loss,
-             "recipe": to_dict(cfg)}, indent=2) + "\n")
-        atomic_write_text(out / "split.json", json.dumps(
-            {"train": corpus.train.ids, "heldout": corpus.heldout.ids}) + "\n")
+        from stride_jax.io.atomic import write_json
+        # No held-out rows (heldout_fraction=0): null, never NaN, in the file.
+        write_json(out / "history.json", {
+            "history": result.history,
+            "heldout_loss": heldout_loss if math.isfinite(heldout_loss) else None,
+            "recipe": to_dict(cfg)}, indent=2)
+        write_json(out / "split.json", {"train": corpus.train.ids, "heldout": corpus.heldout.ids})
+        complete_output_dir(out)
     return PretrainResult(result.model, corpus.tokenizer, corpus, result.history, heldout_loss,
                           sample, out)
+
+
+def finished_pretrain(out_dir: str | Path, cfg: PretrainConfig) -> bool:
+    """Whether ``out_dir`` holds the finished model of recipe ``cfg`` (its ``run.json`` says so
+    and the model's files are all there), so it can be loaded instead of retrained."""
+    from stride_jax.io.outdir import read_run_stamp
+    from stride_jax.io.stamps import canonical_payload
+    out = Path(out_dir)
+    stamp = read_run_stamp(out) or {}
+    return (stamp.get("stage") == "pretrain" and bool(stamp.get("complete"))
+            and stamp.get("payload") == canonical_payload({"recipe": to_dict(cfg)})
+            and all((out / f).is_file() for f in ("config.json", "model.safetensors",
+                                                  "tokenizer.json", "history.json")))
 
 
 def format_loss_curve(history: list[dict[str, float]], width: int = 40) -> str:

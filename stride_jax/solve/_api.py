@@ -18,6 +18,7 @@ Estimators (``SolveConfig.estimator``), per query q, intercept b_q unpenalised i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Literal, NamedTuple
 
@@ -32,6 +33,8 @@ from stride_jax.solve._ridge import cross_validate_ridge, ridge
 from stride_jax.subsets import Design
 
 __all__ = ["SolveConfig", "SolveOutput", "solve"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,10 @@ class SolveConfig:
               "Gram M_c M_c^T")
     ridge_ratio_max: float = option(
         1e3, "largest ridge alpha as a multiple of the mean eigenvalue of the centred subset Gram")
+    ridge_refine: bool = option(
+        True, "refine each query's cross-validated ridge alpha between its neighbouring grid "
+              "points (golden-section search on the CV error), so alpha and the scores move "
+              "continuously with the responses instead of jumping a grid step on rounding")
     fit_intercept: bool = option(
         True, "fit an unpenalised per-query intercept (absorbs a shift shared by all operators)")
     max_iter: int = option(2000, "most proximal-gradient iterations per query and solve")
@@ -118,7 +125,9 @@ class SolveOutput(NamedTuple):
     ``select_seconds`` and ``solve_seconds``. Lasso CV adds ``lams_lq``, ``cv_error_lq``,
     ``best_index_q``; ridge CV adds ``ridge_alphas_a``, ``ridge_cv_error_aq``,
     ``ridge_best_index_q``, ``alpha_q`` (the CV choice); both add ``cv_error_lasso_q`` /
-    ``cv_error_ridge_q`` (each estimator's best held-out error) and ``lasso_lam_q``.
+    ``cv_error_ridge_q`` (each estimator's best held-out error) and ``lasso_lam_q``;
+    ``empty_fallback_q`` marks the queries whose Lasso CV chose the empty solution (lambda_max)
+    and were given the ridge (auto) or their best non-empty Lasso point (lasso) instead.
     """
 
     w_qn: np.ndarray
@@ -177,9 +186,9 @@ def solve(design: Design, y_qk: Any, cfg: SolveConfig = SolveConfig(), *,
                                        ratio_min=cfg.ridge_ratio_min,
                                        ratio_max=cfg.ridge_ratio_max,
                                        fit_intercept=cfg.fit_intercept,
-                                       query_chunk=cfg.query_chunk)
+                                       query_chunk=cfg.query_chunk, refine=cfg.ridge_refine)
             alpha_q = rcv.alpha_q
-            ridge_err = rcv.cv_error_aq[rcv.best_index_q, np.arange(Q)]
+            ridge_err = rcv.cv_error_q
             info.update(ridge_alphas_a=rcv.alphas_a, ridge_cv_error_aq=rcv.cv_error_aq,
                         ridge_best_index_q=rcv.best_index_q, cv_error_ridge_q=ridge_err,
                         alpha_q=rcv.alpha_q)
@@ -187,6 +196,27 @@ def solve(design: Design, y_qk: Any, cfg: SolveConfig = SolveConfig(), *,
             use_ridge_q = info["cv_error_ridge_q"] < info["cv_error_lasso_q"]
     if est != "auto":
         use_ridge_q = np.full(Q, est == "ridge")
+    empty_q = np.zeros(Q, bool)
+    if info.get("lam_rule") == "cv" and use_lasso:
+        # The first grid point is lambda_max, whose solution is exactly zero: a query whose CV
+        # picks it would get all-zero scores ("nothing to attribute"), silently. Such a query
+        # gets the ridge instead (auto), or the best non-empty point of its path (lasso).
+        empty_q = (cv.best_index_q == 0) & ~use_ridge_q
+        if empty_q.any():
+            if est == "auto":
+                use_ridge_q = use_ridge_q | empty_q
+                how = "the ridge"
+            else:
+                err = cv.cv_error_lq.copy()
+                err[0] = np.inf
+                best = np.argmin(err, axis=0)
+                lam_q = np.where(empty_q, cv.lams_lq[best, np.arange(Q)], lam_q)
+                how = "the best non-empty point of its Lasso path"
+            log.warning("cross-validation chose the empty Lasso solution (all scores zero) for "
+                        "%d of %d queries (first: query %d); they use %s instead "
+                        "(info['empty_fallback_q'])", int(empty_q.sum()), Q,
+                        int(np.flatnonzero(empty_q)[0]), how)
+    info["empty_fallback_q"] = empty_q
     t1 = time.perf_counter()
 
     w_qn = np.empty((Q, design.num_examples), np.float32)

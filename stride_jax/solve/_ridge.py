@@ -218,25 +218,30 @@ def _ridge(design: Design, y_c: np.ndarray, y_mean: np.ndarray, alpha_q: np.ndar
 class RidgeCVResult(NamedTuple):
     """Cross-validation of the ridge over subsets: the grid alphas_a [A] (shared by all queries),
     the mean held-out squared error cv_error_aq [A, Q] (summed over folds, divided by K, as
-    :class:`._lambda.CVResult`), and per query the chosen alpha_q and its grid index
-    best_index_q."""
+    :class:`._lambda.CVResult`), and per query the chosen alpha_q, its nearest grid index
+    best_index_q and its CV error cv_error_q (at alpha_q itself, which lies between grid points
+    when refined)."""
 
     alphas_a: np.ndarray
     cv_error_aq: np.ndarray
     alpha_q: np.ndarray
     best_index_q: np.ndarray
+    cv_error_q: np.ndarray
 
 
 def cross_validate_ridge(
     design: Design, y_qk: Any, *, folds: int = 3, key: jax.Array, alphas: Any = None,
     grid_size: int = 13, ratio_min: float = 1e-3, ratio_max: float = 1e3,
-    fit_intercept: bool = True, query_chunk: int = 256,
+    fit_intercept: bool = True, query_chunk: int = 256, refine: bool = True,
 ) -> RidgeCVResult:
     """K-fold cross-validation of the ridge over subsets, per query (module docstring).
 
     The folds are those of :func:`._lambda.cross_validate_lambda` with the same ``key`` and
     ``folds``, so the two CV errors compare like for like. ``alphas`` [A] overrides the default
-    :func:`ridge_alpha_grid`.
+    :func:`ridge_alpha_grid`. ``refine`` (default) replaces each query's grid choice by the
+    minimiser of its CV error between the neighbouring grid points (see
+    :meth:`_RidgeFolds.refine`), so the chosen alpha, and the scores, are continuous in the
+    responses.
     """
     from stride_jax.solve._lambda import _fold_ids  # the Lasso CV's own fold assignment
 
@@ -253,36 +258,87 @@ def cross_validate_ridge(
     if alphas.size == 0 or not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
         raise ValueError(f"alphas must be a non-empty array of positive values, got {alphas}")
     with _serial_blas():
-        err = _ridge_cv_errors(design, y, _fold_ids(K, folds, key), alphas, fit_intercept,
-                               query_chunk)
-    idx = np.argmin(err, axis=0)
-    return RidgeCVResult(alphas, err, alphas[idx], idx)
+        folds_ = _RidgeFolds(design, y, _fold_ids(K, folds, key), fit_intercept)
+        err = np.stack([folds_.error(np.full(Q, a), query_chunk) for a in alphas])
+        idx = np.argmin(err, axis=0)
+        alpha_q, err_q = alphas[idx], err[idx, np.arange(Q)]
+        if refine and alphas.size > 1:
+            alpha_q, err_q = folds_.refine(alphas, idx, query_chunk)
+    return RidgeCVResult(alphas, err, alpha_q, idx, err_q)
 
 
-def _ridge_cv_errors(design: Design, y: np.ndarray, fold_sets: list[np.ndarray],
-                     alphas: np.ndarray, fit_intercept: bool, query_chunk: int) -> np.ndarray:
-    K, Q, A = design.num_subsets, y.shape[0], alphas.size
-    g = subset_gram(design)
-    sq_err = np.zeros((A, Q))
-    for held in fold_sets:
-        train = np.setdiff1d(np.arange(K), held, assume_unique=True)
-        g_tt = g[np.ix_(train, train)]
-        cross = g[np.ix_(held, train)]  # [H, T]
-        if fit_intercept:
-            cross = cross - g_tt.mean(axis=0)[None, :]
-            g_tt = _centre(g_tt)
-        e, v = _eigh(g_tt)
-        cross_v = cross @ v  # [H, T]
-        alpha_t = alphas * (train.size / K)
-        f = 1.0 / (e[None, :] + alpha_t[:, None])  # [A, T]
-        for start in range(0, Q, query_chunk):
-            stop = min(start + query_chunk, Q)
-            y_t = y[start:stop][:, train]
-            y_h = y[start:stop][:, held]
-            mean_t = y_t.mean(axis=1) if fit_intercept else np.zeros(stop - start)
-            z = v.T @ (y_t - mean_t[:, None]).T  # [T, q]
-            resid0 = (y_h - mean_t[:, None]).T  # [H, q]: held-out targets minus intercept part
-            for a in range(A):
-                pred = cross_v @ (z * f[a][:, None])  # [H, q]
-                sq_err[a, start:stop] += np.sum((resid0 - pred) ** 2, axis=0)
-    return sq_err / K
+# Golden-section steps of the continuous alpha refinement: the bracket shrinks by 0.618 a step,
+# so 48 steps leave ~1e-10 of its log-width, far below anything that changes the scores.
+_REFINE_STEPS = 48
+
+
+class _RidgeFolds:
+    """The CV folds of one design and one response matrix, prepared once: per fold the
+    eigendecomposition of the training Gram, the held-out cross Gram in its eigenbasis, and the
+    queries' projected training targets. :meth:`error` then costs one [H, T] x [T, q] product
+    per fold for any per-query alphas."""
+
+    def __init__(self, design: Design, y: np.ndarray, fold_sets: list[np.ndarray],
+                 fit_intercept: bool):
+        K = design.num_subsets
+        g = subset_gram(design)
+        self.K, self.folds = K, []
+        for held in fold_sets:
+            train = np.setdiff1d(np.arange(K), held, assume_unique=True)
+            g_tt = g[np.ix_(train, train)]
+            cross = g[np.ix_(held, train)]  # [H, T]
+            if fit_intercept:
+                cross = cross - g_tt.mean(axis=0)[None, :]
+                g_tt = _centre(g_tt)
+            e, v = _eigh(g_tt)
+            y_t, y_h = y[:, train], y[:, held]
+            mean_t = y_t.mean(axis=1) if fit_intercept else np.zeros(y.shape[0])
+            z = v.T @ (y_t - mean_t[:, None]).T  # [T, Q]
+            resid0 = (y_h - mean_t[:, None]).T  # [H, Q]: held-out targets minus intercept part
+            self.folds.append((e, cross @ v, z, resid0, train.size / K))
+
+    def error(self, alpha_q: np.ndarray, query_chunk: int) -> np.ndarray:
+        """[Q] mean held-out squared error with query q's ridge at ``alpha_q[q]``."""
+        Q = alpha_q.shape[0]
+        sq_err = np.zeros(Q)
+        for e, cross_v, z, resid0, frac in self.folds:
+            for start in range(0, Q, query_chunk):
+                stop = min(start + query_chunk, Q)
+                f = 1.0 / (e[:, None] + frac * alpha_q[None, start:stop])  # [T, q]
+                pred = cross_v @ (z[:, start:stop] * f)  # [H, q]
+                sq_err[start:stop] += np.sum((resid0[:, start:stop] - pred) ** 2, axis=0)
+        return sq_err / self.K
+
+    def refine(self, alphas: np.ndarray, idx: np.ndarray,
+               query_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query, the minimiser of the CV error over log alpha between the grid neighbours
+        of its best grid point (golden-section search; the error is smooth in alpha), and its
+        CV error.
+
+        Why: a grid argmin jumps when two grid points' errors cross, so a response change at
+        float-rounding level can move alpha by a whole grid step (a factor of ~3) and the scores
+        with it. The continuous minimiser moves continuously with the responses: when two grid
+        points tie, both brackets contain the same minimum.
+        """
+        logs = np.log(alphas)
+        lo = logs[np.maximum(idx - 1, 0)]
+        hi = logs[np.minimum(idx + 1, alphas.size - 1)]
+        a, b = np.minimum(lo, hi), np.maximum(lo, hi)
+        ratio = (np.sqrt(5.0) - 1.0) / 2.0
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        fc, fd = self.error(np.exp(c), query_chunk), self.error(np.exp(d), query_chunk)
+        for _ in range(_REFINE_STEPS):
+            left = fc <= fd  # the minimum lies in [a, d]
+            b = np.where(left, d, b)
+            a = np.where(left, a, c)
+            new = np.where(left, b - ratio * (b - a), a + ratio * (b - a))
+            fnew = self.error(np.exp(new), query_chunk)
+            c, d, fc, fd = (np.where(left, new, d), np.where(left, c, new),
+                            np.where(left, fnew, fd), np.where(left, fc, fnew))
+        best = np.exp(0.5 * (a + b))
+        err_best = self.error(best, query_chunk)
+        # Never worse than the grid point the search started from.
+        grid = alphas[idx]
+        err_grid = self.error(grid, query_chunk)
+        keep_grid = err_grid < err_best
+        return np.where(keep_grid, grid, best), np.where(keep_grid, err_grid, err_best)

@@ -31,7 +31,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
+from stride_jax.errors import ConfigError
 
 Site = Literal["logits", "final_hidden", "residual"]
 
@@ -50,6 +51,11 @@ class SteeringConfig:
                                                        "best) or a one-hidden-layer MLP")
     mlp_hidden: int = option(64, "hidden width of the MLP basis")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"layer": ">= 0", "rank": ">= 1", "mlp_hidden": ">= 1"},
+                     fixes={"rank": "set a positive rank (default 32, paper 16)",
+                            "layer": "or null for ~2/3 depth"})
+
 
 def default_layer(num_layers: int) -> int:
     """About two thirds of the depth (the paper's choice), as a 0-based block index."""
@@ -59,25 +65,21 @@ def default_layer(num_layers: int) -> int:
 def resolve_layer(cfg: SteeringConfig, num_layers: int) -> int:
     layer = default_layer(num_layers) if cfg.layer is None else cfg.layer
     if not 0 <= layer < num_layers:
-        raise ValueError(f"steering.layer={cfg.layer} is out of range: the model has {num_layers} "
-                         f"blocks, so use 0 .. {num_layers - 1} (or null for ~2/3 depth)")
+        raise ConfigError(f"steering.layer={cfg.layer} is out of range: the model has {num_layers} "
+                          f"blocks, so use 0 .. {num_layers - 1} (or null for ~2/3 depth)")
     return layer
 
 
 def validate(cfg: SteeringConfig) -> None:
-    if cfg.rank < 1:
-        raise ValueError(f"steering.rank={cfg.rank} must be >= 1; set a positive rank "
-                         f"(default 32, paper 16)")
-    if cfg.basis == "mlp" and cfg.mlp_hidden < 1:
-        raise ValueError(f"steering.mlp_hidden={cfg.mlp_hidden} must be >= 1")
+    """Check ``cfg`` (the checks run when a config is made; kept for callers)."""
+    cfg.__post_init__()
 
 
 def init_steering(cfg: SteeringConfig, *, d_reader: int, d_out: int, num_subsets: int,
                   key: jax.Array) -> dict:
     """Basis with variance-preserving random weights; coefficients zero (= the base model)."""
-    validate(cfg)
     if num_subsets < 1:
-        raise ValueError("num_subsets must be >= 1")
+        raise ConfigError("num_subsets must be >= 1")
     k1, k2 = jax.random.split(key)
     if cfg.basis == "linear":
         basis = {"w": jax.random.normal(k1, (d_reader, cfg.rank)) / jnp.sqrt(d_reader)}

@@ -12,6 +12,7 @@ from stride_jax.subsets._design import (
     bernoulli_design,
     default_num_subsets,
     expander_design,
+    fill_empty_subsets,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "bernoulli_design",
     "default_num_subsets",
     "expander_design",
+    "fill_empty_subsets",
 ]

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stride_jax.errors import ConfigError, DataError
 from stride_jax.io.atomic import atomic_path
 
 __all__ = [
@@ -58,9 +59,9 @@ _MIN_MEAN_SUBSET_SIZE = 32
 def _as_index(a: np.ndarray | Sequence[int], name: str) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1:
-        raise ValueError(f"Design.{name} must be 1-D, got shape {arr.shape}")
+        raise ConfigError(f"Design.{name} must be 1-D, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"Design.{name} must hold integers, got dtype {arr.dtype}")
+        raise ConfigError(f"Design.{name} must hold integers, got dtype {arr.dtype}")
     return arr
 
 
@@ -85,35 +86,35 @@ class Design:
     def __post_init__(self) -> None:
         K, n = int(self.num_subsets), int(self.num_examples)
         if K < 1:
-            raise ValueError(f"a design needs at least one subset, got num_subsets={K}")
+            raise ConfigError(f"a design needs at least one subset, got num_subsets={K}")
         if n < 1:
-            raise ValueError(f"a design needs at least one example, got num_examples={n}")
+            raise ConfigError(f"a design needs at least one example, got num_examples={n}")
         if K > np.iinfo(np.int32).max or n > np.iinfo(np.int32).max:
-            raise ValueError(f"num_subsets={K} and num_examples={n} must fit in int32")
+            raise ConfigError(f"num_subsets={K} and num_examples={n} must fit in int32")
         rows = _as_index(self.rows, "rows")
         cols = _as_index(self.cols, "cols")
         indptr = _as_index(self.indptr, "indptr")
         if rows.shape != cols.shape:
-            raise ValueError(f"Design.rows and .cols differ in length: {rows.size} vs {cols.size}")
+            raise ConfigError(f"Design.rows and .cols differ in length: {rows.size} vs {cols.size}")
         nnz = rows.size
         if indptr.shape != (K + 1,):
-            raise ValueError(f"Design.indptr must have K + 1 = {K + 1} entries, got {indptr.size}")
+            raise ConfigError(f"Design.indptr must have K + 1 = {K + 1} entries, got {indptr.size}")
         if nnz:
             if rows.min() < 0 or rows.max() >= K:
-                raise ValueError(f"Design.rows must lie in [0, {K}); found {rows.min()}..{rows.max()}")
+                raise ConfigError(f"Design.rows must lie in [0, {K}); found {rows.min()}..{rows.max()}")
             if cols.min() < 0 or cols.max() >= n:
-                raise ValueError(f"Design.cols must lie in [0, {n}); found {cols.min()}..{cols.max()}")
+                raise ConfigError(f"Design.cols must lie in [0, {n}); found {cols.min()}..{cols.max()}")
             # Sorted by (row, col) with no duplicate pair <=> the linear key strictly increases.
             key = rows.astype(np.int64) * n + cols.astype(np.int64)
             if np.any(np.diff(key) <= 0):
-                raise ValueError(
+                raise ConfigError(
                     "Design.rows/cols must be sorted by (row, col) without duplicate pairs; "
                     "build the design with Design.from_pairs(...), which sorts and checks"
                 )
         expected = np.zeros(K + 1, np.int64)
         np.cumsum(np.bincount(rows, minlength=K), out=expected[1:])
         if not np.array_equal(indptr, expected):
-            raise ValueError("Design.indptr does not match Design.rows (it must be their CSR pointer)")
+            raise ConfigError("Design.indptr does not match Design.rows (it must be their CSR pointer)")
         for name, arr, dtype in (("rows", rows, np.int32), ("cols", cols, np.int32),
                                  ("indptr", indptr, np.int64)):
             # A read-only view: caches (slots, device copies, fingerprint) rely on the arrays
@@ -139,18 +140,18 @@ class Design:
         r = np.asarray(rows, dtype=np.int64).ravel()
         c = np.asarray(cols, dtype=np.int64).ravel()
         if r.shape != c.shape:
-            raise ValueError(f"rows and cols differ in length: {r.size} vs {c.size}")
+            raise ConfigError(f"rows and cols differ in length: {r.size} vs {c.size}")
         if r.size and (r.min() < 0 or r.max() >= num_subsets):
-            raise ValueError(f"subset ids must lie in [0, {num_subsets}); found {r.min()}..{r.max()}")
+            raise ConfigError(f"subset ids must lie in [0, {num_subsets}); found {r.min()}..{r.max()}")
         if c.size and (c.min() < 0 or c.max() >= num_examples):
-            raise ValueError(f"example ids must lie in [0, {num_examples}); found {c.min()}..{c.max()}")
+            raise ConfigError(f"example ids must lie in [0, {num_examples}); found {c.min()}..{c.max()}")
         order = np.lexsort((c, r))
         r, c = r[order], c[order]
         if r.size > 1:
             dup = (np.diff(r) == 0) & (np.diff(c) == 0)
             if dup.any():
                 j = int(np.argmax(dup))
-                raise ValueError(f"duplicate pair: example {c[j]} is listed twice in subset {r[j]}")
+                raise ConfigError(f"duplicate pair: example {c[j]} is listed twice in subset {r[j]}")
         indptr = np.zeros(num_subsets + 1, np.int64)
         np.cumsum(np.bincount(r, minlength=num_subsets), out=indptr[1:])
         return cls(num_subsets, num_examples, r.astype(np.int32), c.astype(np.int32), indptr)
@@ -160,9 +161,9 @@ class Design:
         """Design from a dense 0/1 (or boolean) K x n matrix (tests and small problems)."""
         m = np.asarray(mask_kn)
         if m.ndim != 2:
-            raise ValueError(f"from_dense needs a 2-D K x n matrix, got shape {m.shape}")
+            raise ConfigError(f"from_dense needs a 2-D K x n matrix, got shape {m.shape}")
         if not np.all((m == 0) | (m == 1)):
-            raise ValueError("from_dense needs a 0/1 matrix")
+            raise ConfigError("from_dense needs a 0/1 matrix")
         r, c = np.nonzero(m)  # row-major order: already sorted by (row, col)
         return cls.from_pairs(r, c, num_subsets=m.shape[0], num_examples=m.shape[1])
 
@@ -236,7 +237,7 @@ class Design:
         """Design made of subsets ``ks`` (in that order, renumbered 0..len(ks)-1), same examples."""
         ks = np.asarray(ks, dtype=np.int64).ravel()
         if ks.size == 0:
-            raise ValueError("take_subsets needs at least one subset id")
+            raise ConfigError("take_subsets needs at least one subset id")
         if ks.min() < 0 or ks.max() >= self.num_subsets:
             raise IndexError(f"subset ids must lie in [0, {self.num_subsets})")
         sizes = self.subset_sizes[ks]
@@ -253,7 +254,7 @@ class Design:
         """(M w) for ``w`` of shape [..., n]: returns [..., K] (numpy, exact segment sums)."""
         w = np.asarray(w)
         if w.shape[-1:] != (self.num_examples,):
-            raise ValueError(f"matvec needs [..., n={self.num_examples}], got shape {w.shape}")
+            raise ConfigError(f"matvec needs [..., n={self.num_examples}], got shape {w.shape}")
         out_shape = w.shape[:-1] + (self.num_subsets,)
         if self.nnz == 0:
             return np.zeros(out_shape, dtype=np.result_type(w.dtype, np.int64))
@@ -268,7 +269,7 @@ class Design:
         """(M^T u) for ``u`` of shape [..., K]: returns [..., n] (numpy)."""
         u = np.asarray(u)
         if u.shape[-1:] != (self.num_subsets,):
-            raise ValueError(f"rmatvec needs [..., K={self.num_subsets}], got shape {u.shape}")
+            raise ConfigError(f"rmatvec needs [..., K={self.num_subsets}], got shape {u.shape}")
         flat = u.reshape(-1, self.num_subsets)
         dtype = u.dtype if np.issubdtype(u.dtype, np.floating) else np.float64
         out = np.empty((flat.shape[0], self.num_examples), dtype=dtype)
@@ -280,7 +281,7 @@ class Design:
         """Dense K x n matrix; refused above :data:`DENSE_LIMIT` entries (keep it sparse)."""
         size = self.num_subsets * self.num_examples
         if size > DENSE_LIMIT:
-            raise ValueError(
+            raise ConfigError(
                 f"to_dense: K x n = {self.num_subsets} x {self.num_examples} = {size:.3g} entries "
                 f"exceeds the limit {DENSE_LIMIT:.0e}; use matvec/rmatvec or the sparse arrays"
             )
@@ -293,7 +294,7 @@ class Design:
         ks = np.asarray(ks, dtype=np.int64).ravel()
         size = ks.size * self.num_examples
         if size > DENSE_LIMIT:
-            raise ValueError(
+            raise ConfigError(
                 f"mask_rows: {ks.size} x n={self.num_examples} = {size:.3g} entries exceeds the "
                 f"limit {DENSE_LIMIT:.0e}; use members(k) instead"
             )
@@ -350,15 +351,15 @@ class Design:
         with np.load(path, allow_pickle=False) as data:
             missing = {"format", "shape", "rows", "cols"} - set(data.files)
             if missing:
-                raise ValueError(f"{path}: not a saved Design (missing {sorted(missing)})")
+                raise DataError(f"{path}: not a saved Design (missing {sorted(missing)})")
             fmt = str(data["format"])
             if fmt != _FORMAT:
-                raise ValueError(f"{path}: unknown design format {fmt!r} (expected {_FORMAT!r})")
+                raise DataError(f"{path}: unknown design format {fmt!r} (expected {_FORMAT!r})")
             K, n = (int(v) for v in data["shape"])
             rows, cols = data["rows"], data["cols"]
         indptr = np.zeros(K + 1, np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= K):
-            raise ValueError(f"{path}: subset ids out of range [0, {K})")
+            raise DataError(f"{path}: subset ids out of range [0, {K})")
         np.cumsum(np.bincount(rows, minlength=K), out=indptr[1:])
         return cls(K, n, rows, cols, indptr)
 
@@ -390,16 +391,16 @@ def default_num_subsets(n: int, d: int = 10) -> int:
 
 def _check_positive(name: str, value: int, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} ({what}) must be an integer, got {value!r}")
+        raise ConfigError(f"{name} ({what}) must be an integer, got {value!r}")
     if value < 1:
-        raise ValueError(f"{name} ({what}) must be >= 1, got {value}")
+        raise ConfigError(f"{name} ({what}) must be >= 1, got {value}")
 
 
 def _check_nonempty(design: Design, detail: str, fix: str) -> None:
     sizes = design.subset_sizes
     if (sizes == 0).any():
         k = int(np.argmin(sizes))
-        raise ValueError(
+        raise ConfigError(
             f"subset {k} is empty ({int((sizes == 0).sum())} of {design.num_subsets} are): "
             f"{detail}; {fix}"
         )
@@ -429,21 +430,49 @@ def _floyd_chunk(key: jax.Array, ids: jax.Array, *, num_subsets: int, d: int) ->
     return jnp.sort(chosen, axis=1)
 
 
+def fill_empty_subsets(design: Design) -> Design:
+    """``design`` with every empty subset given one member, moved out of the largest subset.
+
+    For a small n a random design leaves some subsets empty (probability ``(1 - d/K)^n`` each
+    for the expander), and an operator trained on no example is meaningless. Moving a membership
+    from the largest subset (ties: the lowest id; the member at position ``k mod size``) into
+    empty subset ``k`` keeps every example's subset count (an expander stays d-regular) and
+    leaves no subset empty, as long as there are at least K memberships. Deterministic; a design
+    without empty subsets is returned unchanged.
+    """
+    sizes = design.subset_sizes.copy()
+    empty = np.flatnonzero(sizes == 0)
+    if empty.size == 0 or design.nnz < design.num_subsets:
+        return design
+    members = [list(design.members(k)) for k in range(design.num_subsets)]
+    for k in empty:
+        src = int(np.argmax(sizes))
+        members[k] = [members[src].pop(int(k) % len(members[src]))]
+        sizes[src] -= 1
+        sizes[k] = 1
+    rows = np.repeat(np.arange(design.num_subsets, dtype=np.int32), [len(m) for m in members])
+    cols = np.concatenate([np.asarray(m, np.int32) for m in members])
+    return Design.from_pairs(rows, cols, num_subsets=design.num_subsets,
+                             num_examples=design.num_examples)
+
+
 def expander_design(
-    n: int, K: int, d: int = 10, *, key: jax.Array, chunk_size: int = 1 << 16
+    n: int, K: int, d: int = 10, *, key: jax.Array, chunk_size: int = 1 << 16,
+    fill_empty: bool = False,
 ) -> Design:
     """Random left-d-regular design: each example in exactly ``d`` distinct subsets of ``K``.
 
     Example i's subsets are a uniform d-subset of range(K) drawn from ``fold_in(key, i)`` alone,
     so the design does not depend on ``chunk_size`` (the number of examples generated per device
     call; it only bounds memory). The expected subset size is n d / K. Raises ``ValueError`` for
-    n < 1, K < 1, d outside [1, K], or when some subset comes out empty.
+    n < 1, K < 1, d outside [1, K], or when some subset comes out empty, unless ``fill_empty``
+    (then :func:`fill_empty_subsets` fills them, which needs n d >= K).
     """
     _check_positive("n", n, "the number of training examples")
     _check_positive("K", K, "the number of subsets")
     _check_positive("d", d, "the number of subsets per example")
     if d > K:
-        raise ValueError(
+        raise ConfigError(
             f"d={d} subsets per example cannot exceed K={K} subsets; lower d or raise K"
         )
     _check_positive("chunk_size", chunk_size, "examples generated per device call")
@@ -465,6 +494,8 @@ def expander_design(
     indptr = np.zeros(K + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=K), out=indptr[1:])
     design = Design(K, n, rows, cols, indptr)
+    if fill_empty:
+        design = fill_empty_subsets(design)
     _check_nonempty(
         design,
         f"with n={n} and d={d}, K={K} gives n*d/K={n * d / K:.3g} examples per subset on average",
@@ -479,21 +510,23 @@ def _bernoulli_chunk(key: jax.Array, ks: jax.Array, *, n: int, alpha: float) -> 
 
 
 def bernoulli_design(
-    n: int, K: int, alpha: float, *, key: jax.Array, max_chunk_entries: int = 1 << 24
+    n: int, K: int, alpha: float, *, key: jax.Array, max_chunk_entries: int = 1 << 24,
+    fill_empty: bool = False,
 ) -> Design:
     """Datamodels design: subset k holds each example independently with probability ``alpha``.
 
     Subset k is drawn from ``fold_in(key, k)`` alone, so the result does not depend on
     ``max_chunk_entries`` (the most mask entries generated per device call). Costs K * n random
     draws. Expected subset size alpha n. Raises ``ValueError`` for n < 1, K < 1, alpha outside
-    (0, 1), or when some subset comes out empty.
+    (0, 1), or when some subset comes out empty, unless ``fill_empty`` (then
+    :func:`fill_empty_subsets` fills them when there are enough memberships).
     """
     _check_positive("n", n, "the number of training examples")
     _check_positive("K", K, "the number of subsets")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not (
         0.0 < float(alpha) < 1.0
     ):
-        raise ValueError(f"alpha (inclusion probability) must lie strictly between 0 and 1, got {alpha!r}")
+        raise ConfigError(f"alpha (inclusion probability) must lie strictly between 0 and 1, got {alpha!r}")
     n, K, alpha = int(n), int(K), float(alpha)
     chunk = max(1, min(K, int(max_chunk_entries) // n))
     rows_parts, cols_parts = [], []
@@ -509,6 +542,8 @@ def bernoulli_design(
     indptr = np.zeros(K + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=K), out=indptr[1:])
     design = Design(K, n, rows, cols, indptr)
+    if fill_empty:
+        design = fill_empty_subsets(design)
     _check_nonempty(
         design,
         f"with n={n} and alpha={alpha}, subsets hold alpha*n={alpha * n:.3g} examples on average",

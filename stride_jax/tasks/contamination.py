@@ -22,7 +22,8 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from stride_jax.attributor import AttributeConfig
-from stride_jax.config import option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
+from stride_jax.errors import ConfigError
 from stride_jax.methods import MethodsConfig
 from stride_jax.tasks._base import Task
 from stride_jax.tasks.lm import PretrainTaskConfig, _first_queries, _make_task, _pretrain_parts
@@ -48,6 +49,12 @@ class ContaminationTaskConfig:
                                "replaced by random tokens (0: exact copies)")
     seed: int = option(0, "which queries leak and where their copies go")
 
+    def __post_init__(self) -> None:
+        extra = [] if self.copies and min(self.copies) >= 1 else [
+            ("copies", list(self.copies), "must be a non-empty list of counts >= 1")]
+        check_ranges(self, {"leaked_fraction": "in [0, 1]", "noise": "in [0, 1]",
+                            "seed": SEED_RANGE}, extra=extra)
+
 
 @dataclasses.dataclass(frozen=True)
 class ContaminationConfig:
@@ -62,6 +69,24 @@ class ContaminationConfig:
     k: int = option(10, "hit@k: a replica among the query's top k")
     detection_stat: str = option("max_z", "per-query statistic of leak detection: max or max_z")
     seed: int = option(0, "seed of the methods' randomness (projections)")
+
+    def __post_init__(self) -> None:
+        from stride_jax.methods import METHODS, parse_method
+        extra = []
+        unknown = []
+        for m in self.methods:
+            try:
+                parse_method(m)
+            except ConfigError:
+                unknown.append(m)
+        if unknown or not self.methods:
+            extra.append(("methods", list(self.methods),
+                          f"must name methods among {', '.join(METHODS)} (or mixtures mix:...)"))
+        if any(c not in ("rank", "zscore", "rrf") for c in self.combine):
+            extra.append(("combine", list(self.combine), "must list rank, zscore or rrf"))
+        if self.detection_stat not in ("max", "max_z"):
+            extra.append(("detection_stat", self.detection_stat, "must be 'max' or 'max_z'"))
+        check_ranges(self, {"k": ">= 1", "seed": SEED_RANGE}, extra=extra)
 
 
 class ContaminationTask(NamedTuple):
@@ -78,9 +103,9 @@ def leak_plan(num_queries: int, cfg: ContaminationTaskConfig) -> tuple[np.ndarra
     """``(leaked indices, copies [Q])``: ``round(leaked_fraction * Q)`` queries drawn at random
     (seed ``[seed, 1]``), their copies cycled through ``cfg.copies`` in increasing query order."""
     if not 0.0 <= cfg.leaked_fraction <= 1.0:
-        raise ValueError(f"leaked_fraction={cfg.leaked_fraction} must lie in [0, 1]")
+        raise ConfigError(f"leaked_fraction={cfg.leaked_fraction} must lie in [0, 1]")
     if not cfg.copies or min(cfg.copies) < 1:
-        raise ValueError(f"copies={list(cfg.copies)} must be a non-empty list of counts >= 1")
+        raise ConfigError(f"copies={list(cfg.copies)} must be a non-empty list of counts >= 1")
     m = int(round(cfg.leaked_fraction * num_queries))
     rng = np.random.default_rng([cfg.seed, 1])
     leaked = np.sort(rng.choice(num_queries, m, replace=False))
@@ -97,8 +122,8 @@ def build_contamination_task(cfg: ContaminationTaskConfig = ContaminationTaskCon
     queries = _first_queries(corpus.heldout, cfg.base.num_queries)
     leaked, copies = leak_plan(len(queries), cfg)
     if leaked.size == 0:
-        raise ValueError(f"leaked_fraction={cfg.leaked_fraction} of {len(queries)} queries leaks "
-                         f"none; raise it")
+        raise ConfigError(f"leaked_fraction={cfg.leaked_fraction} of {len(queries)} queries leaks "
+                          f"none; raise it")
     train, replica_map = inject(corpus.train, queries, leaked, copies, seed=cfg.seed,
                                 noise=cfg.noise)
     task = _make_task("contamination", graphdef=graphdef, init_params=init_params, train=train,
@@ -138,7 +163,7 @@ def run_audit(cfg: ContaminationConfig = ContaminationConfig(),
     for m in methods:
         parse_method(m)     # a one-line error naming an unknown method
     if cfg.k < 1:
-        raise ValueError(f"k={cfg.k} must be >= 1")
+        raise ConfigError(f"k={cfg.k} must be >= 1")
     work = Path(workdir) if workdir is not None else None
     t0 = time.perf_counter()
     ct = build_contamination_task(cfg.task) if built is None else built

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from stride_jax.baselines.ekfac import TokenModel
-from stride_jax.config import option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import ConfigError, MissingDependencyError
 from stride_jax.model.taps import dense
 from stride_jax.recipes.pretrain import OptimConfig
 from stride_jax.steering import LMFunctions
@@ -43,13 +44,19 @@ class DigitsConfig:
     seed: int = option(0, "initialisation and data-order seed")
     split_seed: int = option(0, "seed of the train/query split")
 
+    def __post_init__(self) -> None:
+        extra = [("hidden", list(self.hidden), "must list widths >= 1")] \
+            if any(h < 1 for h in self.hidden) else []
+        check_ranges(self, {"num_train": ">= 2", "num_queries": ">= 1", "seed": SEED_RANGE,
+                            "split_seed": SEED_RANGE}, extra=extra)
+
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits (1797 images): ``X [N, 64]`` in [0, 1], ``y [N]``."""
     try:
         from sklearn.datasets import load_digits
     except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(
+        raise MissingDependencyError(
             "the digits task needs scikit-learn (its bundled digits data): "
             "pip install -c constraints.txt -e .[eval]") from e
     d = load_digits()
@@ -124,8 +131,8 @@ def mlp_functions(params, table_x: np.ndarray, layer: int) -> LMFunctions:
     table = jnp.asarray(table_x)
     depth = _num_linear(params) - 1
     if not 0 <= layer < depth:
-        raise ValueError(f"steering layer {layer} is out of range for an MLP with {depth} hidden "
-                         f"layers (use 0 .. {depth - 1})")
+        raise ConfigError(f"steering layer {layer} is out of range for an MLP with {depth} hidden "
+                          f"layers (use 0 .. {depth - 1})")
 
     def features(p, ids, mask):
         hs = hidden_states(p, table[ids])
@@ -156,10 +163,10 @@ def build_digits_task(cfg: DigitsConfig = DigitsConfig(), *, progress: bool = Fa
     """Split the digits, train the MLP on all ``num_train`` examples, and wire up retraining."""
     X, y = load_digits_arrays()
     if cfg.num_train < 2 or cfg.num_queries < 1 or cfg.num_train + cfg.num_queries > len(X):
-        raise ValueError(f"digits.num_train={cfg.num_train} + num_queries={cfg.num_queries} must "
-                         f"fit in the {len(X)} images, with num_train >= 2 and num_queries >= 1")
+        raise ConfigError(f"digits.num_train={cfg.num_train} + num_queries={cfg.num_queries} must "
+                          f"fit in the {len(X)} images, with num_train >= 2 and num_queries >= 1")
     if not cfg.hidden or min(cfg.hidden) < 1:
-        raise ValueError(f"digits.hidden={cfg.hidden} needs at least one layer of width >= 1")
+        raise ConfigError(f"digits.hidden={cfg.hidden} needs at least one layer of width >= 1")
     perm = np.asarray(jax.random.permutation(jax.random.key(cfg.split_seed), len(X)))
     tr, qu = perm[: cfg.num_train], perm[cfg.num_train: cfg.num_train + cfg.num_queries]
     table = np.concatenate([X[tr], X[qu]])

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax.config import option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.data import TokenizedSet, shakespeare_plays, split_ids, tokenize_documents
+from stride_jax.errors import ConfigError
 from stride_jax.model import init_model
 from stride_jax.model.loss import mean_token_loss, sequence_nll
 from stride_jax.recipes.pretrain import (ArchConfig, CorpusConfig, OptimConfig, build_corpus,
@@ -52,6 +53,9 @@ class PretrainTaskConfig:
     seed: int = option(0, "initialisation and data-order seed")
     num_queries: int = option(50, "held-out rows used as queries (at most all of them)")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"seed": SEED_RANGE, "num_queries": ">= 1"})
+
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneTaskConfig:
@@ -64,6 +68,10 @@ class FinetuneTaskConfig:
     optim: OptimConfig = option(_FT_OPTIM, "fine-tuning recipe (shared by every retrain)")
     seed: int = option(0, "data-order seed of fine-tuning")
     num_queries: int = option(50, "held-out rows used as queries")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"heldout_fraction": "in (0, 1)", "seed": SEED_RANGE,
+                            "num_queries": ">= 1"})
 
 
 def _row_data(rows: TokenizedSet) -> dict[str, np.ndarray]:
@@ -90,7 +98,7 @@ def _lm_functions(graphdef):
 def _first_queries(rows: TokenizedSet, k: int) -> TokenizedSet:
     keep = [i for i in range(len(rows)) if rows.loss_mask[i].sum() > 0][:k]
     if not keep:
-        raise ValueError("no held-out rows to use as queries; raise heldout_fraction")
+        raise ConfigError("no held-out rows to use as queries; raise heldout_fraction")
     return rows.subset(keep)
 
 

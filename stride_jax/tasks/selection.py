@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.config import option, to_dict
+from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.data import TokenizedSet, shakespeare_plays, split_ids, tokenize_documents
+from stride_jax.errors import ConfigError, DataError
 from stride_jax.recipes.pretrain import OptimConfig
 from stride_jax.steering._adapter import params_fingerprint
 from stride_jax.tasks._base import Task
@@ -64,6 +65,10 @@ class SelectionTaskConfig:
                                         "reported but never used to select; null: all of them")
     pool_seed: int = option(0, "seed of the row samples and of the pool's order")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"distractor_ratio": ">= 0", "max_target_rows": ">= 1",
+                            "num_eval": ">= 0", "pool_seed": SEED_RANGE})
+
 
 @dataclasses.dataclass
 class SelectionTask(Task):
@@ -91,7 +96,7 @@ class SelectionTask(Task):
 
 def _concat(a: TokenizedSet, b: TokenizedSet) -> TokenizedSet:
     if a.seq_len != b.seq_len:
-        raise ValueError(f"rows of {a.seq_len} and {b.seq_len} tokens cannot share a pool")
+        raise DataError(f"rows of {a.seq_len} and {b.seq_len} tokens cannot share a pool")
     return TokenizedSet(ids=list(a.ids) + list(b.ids),
                         input_ids=np.concatenate([a.input_ids, b.input_ids]),
                         attention_mask=np.concatenate([a.attention_mask, b.attention_mask]),
@@ -110,12 +115,12 @@ def build_selection_task(cfg: SelectionTaskConfig = SelectionTaskConfig()) -> Se
     ft = cfg.finetune
     clash = set(cfg.distractors) & (set(ft.base.corpus.plays) | set(ft.works))
     if clash:
-        raise ValueError(f"distractor play(s) {sorted(clash)} are also pretraining plays or "
-                         f"target works; choose other plays (stride_jax.data.list_plays())")
+        raise ConfigError(f"distractor play(s) {sorted(clash)} are also pretraining plays or "
+                          f"target works; choose other plays (stride_jax.data.list_plays())")
     if not cfg.distractor_ratio >= 0:
-        raise ValueError(f"distractor_ratio={cfg.distractor_ratio} must be >= 0")
+        raise ConfigError(f"distractor_ratio={cfg.distractor_ratio} must be >= 0")
     if cfg.max_target_rows is not None and cfg.max_target_rows < 1:
-        raise ValueError(f"max_target_rows={cfg.max_target_rows} must be >= 1 (or null)")
+        raise ConfigError(f"max_target_rows={cfg.max_target_rows} must be >= 1 (or null)")
 
     # The base: the pretraining task's model on all its rows (as build_finetune_task).
     corpus, mcfg, graphdef, init_params = _pretrain_parts(ft.base)
@@ -174,8 +179,8 @@ def assemble_selection_task(*, graphdef, base_params, pool: TokenizedSet, in_dom
     """
     in_domain = np.asarray(in_domain, bool)
     if in_domain.shape != (len(pool),):
-        raise ValueError(f"in_domain has shape {in_domain.shape}; expected ({len(pool)},), one "
-                         f"flag per pool row")
+        raise DataError(f"in_domain has shape {in_domain.shape}; expected ({len(pool)},), one "
+                        f"flag per pool row")
     task = _make_task(name, graphdef=graphdef, init_params=base_params, train=pool,
                       queries=targets, optim=optim, seed=seed, stamp=stamp,
                       num_layers=num_layers, tok=tok)

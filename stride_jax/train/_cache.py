@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import ConfigError, DataError
 from stride_jax.steering import LMFunctions
 
 
@@ -42,7 +43,7 @@ DTYPES = ("float32", "bfloat16")
 
 def _np_dtype(name: str):
     if name not in DTYPES:
-        raise ValueError(f"cache dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+        raise ConfigError(f"cache dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
     import ml_dtypes
     return np.dtype(np.float32) if name == "float32" else np.dtype(ml_dtypes.bfloat16)
 
@@ -57,18 +58,23 @@ def _feature_fn(lm: LMFunctions, dtype):
 
 def check_rows_fit(lm: LMFunctions, data: TokenizedSet, what: str) -> None:
     if data.seq_len > lm.max_len:
-        raise ValueError(f"{what} rows have {data.seq_len} tokens but the model's context is "
-                         f"{lm.max_len}; re-tokenize with seq_len <= {lm.max_len}")
+        raise DataError(f"{what} rows have {data.seq_len} tokens but the model's context is "
+                        f"{lm.max_len}; re-tokenize with seq_len <= {lm.max_len}")
     in_vocab = lm.input_vocab_size or lm.vocab_size
     if len(data) and int(data.input_ids.max()) >= in_vocab:
-        raise ValueError(f"{what} token ids reach {int(data.input_ids.max())} but the model's "
-                         f"vocabulary has {in_vocab} entries: the tokenizer does not match the "
-                         f"model; use the tokenizer saved with the model")
+        raise DataError(f"{what} token ids reach {int(data.input_ids.max())} but the model's "
+                        f"vocabulary has {in_vocab} entries: the tokenizer does not match the "
+                        f"model; use the tokenizer saved with the model")
+    if len(data) and data.targets is None and data.loss_mask[:, -1].any():
+        row = data.ids[int(np.flatnonzero(data.loss_mask[:, -1])[0])]
+        raise DataError(f"{what} row {row!r} has loss_mask 1 in its last column, which predicts "
+                        f"no token: loss_mask[:, t] marks the position that predicts token t+1; "
+                        f"build the rows with TokenizedSet.from_arrays, which shifts for you")
     if len(data) and data.targets is not None:
         scored = data.targets[data.loss_mask > 0]
         if scored.size and (scored.min() < 0 or scored.max() >= lm.vocab_size):
-            raise ValueError(f"{what} targets must lie in 0 .. {lm.vocab_size - 1} (the model's "
-                             f"output classes); found {int(scored.min())} .. {int(scored.max())}")
+            raise DataError(f"{what} targets must lie in 0 .. {lm.vocab_size - 1} (the model's "
+                            f"output classes); found {int(scored.min())} .. {int(scored.max())}")
 
 
 MARK_BYTES = 256 << 20
@@ -92,6 +98,8 @@ def build_cache(lm: LMFunctions, data: TokenizedSet, *, batch_size: int = 64,
         arrays = {k: np.empty(s, np_dtype) for k, s in shapes.items()}
         done = 0
     else:
+        # A resumed build must be of this model: never another one's activations.
+        lm = lm.with_fingerprint()
         arrays, done = _open_disk_cache(Path(directory), shapes, lm.fingerprint, dtype)
     bar = None
     if progress:

@@ -15,11 +15,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from stride_jax.errors import CheckpointMismatchError
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint directory belongs to a run with different arguments."""
 
 
 class OperatorCheckpointer:

@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stride_jax.config import option
+from stride_jax.config import check_ranges, option
 from stride_jax.data import TokenizedSet
+from stride_jax.errors import ConfigError, DataError, NonFiniteOperatorLossError
 from stride_jax.steering import (LMFunctions, SteeringConfig, basis_features,
                                  delta_logprob_and_kl, init_steering, logit_shift, shift)
 from stride_jax.train._cache import ActivationCache
@@ -80,6 +81,18 @@ class OperatorTrainConfig:
     checkpoint_every: int = option(100, "steps between operator checkpoints (0: only at the end)")
     log_every: int = option(10, "steps between logged loss values")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {
+            "epochs": ">= 1", "subsets_per_step": ">= 1", "rows_per_subset": ">= 1",
+            "stability_rows": ">= 1", "tokens_per_row": ">= 0", "learning_rate": "> 0",
+            "basis_learning_rate": "> 0", "b1": "in [0, 1)", "b2": "in [0, 1)", "eps": "> 0",
+            "weight_fidelity": ">= 0", "weight_stability": ">= 0", "weight_linearity": ">= 0",
+            "linearity_probe_rows": ">= 1", "linearity_sketch_dim": ">= 1",
+            "linearity_ridge": "> 0", "max_loss": "> 0", "checkpoint_every": ">= 0",
+            "log_every": ">= 1"},
+            fixes={"tokens_per_row": "0 scores all positions",
+                   "checkpoint_every": "0 checkpoints only at the end"})
+
 
 class OperatorState(NamedTuple):
     """Everything training updates; a plain pytree (checkpointed by orbax)."""
@@ -93,30 +106,9 @@ class OperatorState(NamedTuple):
     step: jax.Array          # scalar int32
 
 
-class NonFiniteOperatorLossError(FloatingPointError):
-    """An operator's training loss became NaN or inf."""
-
-
 def validate(cfg: OperatorTrainConfig) -> None:
-    problems = []
-    for name in ("epochs", "subsets_per_step", "rows_per_subset", "stability_rows"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"train.{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.tokens_per_row < 0:
-        problems.append(f"train.tokens_per_row={cfg.tokens_per_row} must be >= 0 (0: all "
-                        f"positions)")
-    for name in ("weight_fidelity", "weight_stability", "weight_linearity"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"train.{name}={getattr(cfg, name)} must be >= 0")
-    for name in ("learning_rate", "basis_learning_rate", "max_loss"):
-        v = getattr(cfg, name)
-        if not (math.isfinite(v) and v > 0):
-            problems.append(f"train.{name}={v} must be a positive finite number")
-    if cfg.checkpoint_every < 0 or cfg.log_every < 1:
-        problems.append("train.checkpoint_every must be >= 0 and train.log_every >= 1")
-    if problems:
-        raise ValueError("; ".join(problems) + "; fix these train.* settings (see "
-                         "configs/attribute_default.yaml for the defaults)")
+    """Check ``cfg`` (the checks run when a config is made; kept for callers)."""
+    cfg.__post_init__()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +136,7 @@ def padded_members(design) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.diff(design.indptr).astype(np.int32)
     if (sizes == 0).any():
         k = int(np.flatnonzero(sizes == 0)[0])
-        raise ValueError(f"subset {k} of the design is empty; lower K or raise d")
+        raise ConfigError(f"subset {k} of the design is empty; lower K or raise d")
     members = np.full((design.num_subsets, int(sizes.max())), -1, np.int32)
     for k in range(design.num_subsets):
         m = design.cols[design.indptr[k]:design.indptr[k + 1]]
@@ -341,12 +333,12 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     validate(cfg)
     site = steering.site
     if site == "residual" and lm.upper is None:
-        raise ValueError("the residual site needs the model's upper layers (LMFunctions.upper)")
+        raise DataError("the residual site needs the model's upper layers (LMFunctions.upper)")
     if cache.num_rows != len(data):
-        raise ValueError(f"cache has {cache.num_rows} rows but the training set has {len(data)}")
+        raise DataError(f"cache has {cache.num_rows} rows but the training set has {len(data)}")
     if design.num_examples != len(data):
-        raise ValueError(f"design is over {design.num_examples} examples but the training set has "
-                         f"{len(data)} rows")
+        raise DataError(f"design is over {design.num_examples} examples but the training set has "
+                        f"{len(data)} rows")
     k_init, k_order, k_rows, k_probe, k_sketch = (jax.random.fold_in(key, i) for i in range(5))
     K = design.num_subsets
     d_out = lm.vocab_size if site == "logits" else lm.d_final
@@ -496,56 +488,72 @@ def train_operators(lm: LMFunctions, cache: ActivationCache, data: TokenizedSet,
     t0 = time.perf_counter()
     compile_s = None
     steady_t0, steady_steps = None, 0
-    for step in range(start, len(schedule)):
-        chunk_ids = jnp.asarray(schedule[step])
-        idx = sampler(jnp.int32(step), chunk_ids)
-        step_cache, step_data = cache_d, data_d
-        if stream:
-            idx, step_cache, step_data = step_rows(idx)
-        if compiled_memory is not None and step == start:
-            compiled_memory.update(_memory_analysis(train_step, state, chunk_ids, idx,
-                                                    step_cache, step_data))
-        new_state, loss, (fid, stab, lin, total) = train_step(state, chunk_ids, idx, step_cache,
-                                                              step_data)
-        loss_f = float(loss)
-        if compile_s is None:
-            compile_s = time.perf_counter() - t0
-            steady_t0 = time.perf_counter()
-        else:
-            steady_steps += 1
-        if not (math.isfinite(loss_f) and abs(loss_f) <= cfg.max_loss):
-            per_subset = np.asarray(total)
-            bad = np.flatnonzero(~(np.isfinite(per_subset) & (np.abs(per_subset) <= cfg.max_loss)))
-            which = int(schedule[step][bad[0]]) if len(bad) else -1
-            where = f" (first bad subset: {which})" if which >= 0 else ""
-            what = "is not finite" if not math.isfinite(loss_f) else \
-                f"exceeds train.max_loss={cfg.max_loss:g} (diverged)"
-            last = ckpt.latest_step() if ckpt is not None else None
-            kept = (f"; the last good checkpoint (after {last} steps) in {checkpoint_dir} is kept"
-                    if last is not None else "; no checkpoint was written yet")
-            raise NonFiniteOperatorLossError(
-                f"operator training loss {loss_f:g} {what} at step {step + 1} of "
-                f"{len(schedule)}{where}; lower train.learning_rate (now {cfg.learning_rate:g}) "
-                f"and rerun with --overwrite, or check the cached activations for NaN/inf{kept}")
-        state = new_state
-        done = step + 1
-        if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                                 or done == len(schedule)):
-            ckpt.save(done, state)
-        if step % cfg.log_every == 0 or done == len(schedule):
-            rate = (steady_steps * schedule.shape[1] / (time.perf_counter() - steady_t0)
-                    if steady_steps else 0.0)
-            point = {"step": step, "loss": loss_f, "fidelity": float(jnp.mean(fid)),
-                     "stability": float(jnp.mean(stab)), "linearity": float(lin),
-                     "subsets_per_s": rate, "compile_s": compile_s}
-            history.append(point)
+    step = start
+    try:
+        for step in range(start, len(schedule)):
+            chunk_ids = jnp.asarray(schedule[step])
+            idx = sampler(jnp.int32(step), chunk_ids)
+            step_cache, step_data = cache_d, data_d
+            if stream:
+                idx, step_cache, step_data = step_rows(idx)
+            if compiled_memory is not None and step == start:
+                compiled_memory.update(_memory_analysis(train_step, state, chunk_ids, idx,
+                                                        step_cache, step_data))
+            new_state, loss, (fid, stab, lin, total) = train_step(state, chunk_ids, idx, step_cache,
+                                                                  step_data)
+            loss_f = float(loss)
+            if compile_s is None:
+                compile_s = time.perf_counter() - t0
+                steady_t0 = time.perf_counter()
+            else:
+                steady_steps += 1
+            if not (math.isfinite(loss_f) and abs(loss_f) <= cfg.max_loss):
+                per_subset = np.asarray(total)
+                bad = np.flatnonzero(~(np.isfinite(per_subset)
+                                       & (np.abs(per_subset) <= cfg.max_loss)))
+                which = int(schedule[step][bad[0]]) if len(bad) else -1
+                where = f" (first bad subset: {which})" if which >= 0 else ""
+                what = "is not finite" if not math.isfinite(loss_f) else \
+                    f"exceeds train.max_loss={cfg.max_loss:g} (diverged)"
+                last = ckpt.latest_step() if ckpt is not None else None
+                kept = (f"; the last good checkpoint (after {last} steps) in {checkpoint_dir} is "
+                        f"kept" if last is not None else "; no checkpoint was written yet")
+                raise NonFiniteOperatorLossError(
+                    f"operator training loss {loss_f:g} {what} at step {step + 1} of "
+                    f"{len(schedule)}{where}; lower train.learning_rate (now "
+                    f"{cfg.learning_rate:g}) and rerun with --overwrite, or check the cached "
+                    f"activations for NaN/inf{kept}")
+            state = new_state
+            done = step + 1
+            if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                                     or done == len(schedule)):
+                ckpt.save(done, state)
+            if step % cfg.log_every == 0 or done == len(schedule):
+                rate = (steady_steps * schedule.shape[1] / (time.perf_counter() - steady_t0)
+                        if steady_steps else 0.0)
+                point = {"step": step, "loss": loss_f, "fidelity": float(jnp.mean(fid)),
+                         "stability": float(jnp.mean(stab)), "linearity": float(lin),
+                         "subsets_per_s": rate, "compile_s": compile_s}
+                history.append(point)
+                if bar is not None:
+                    bar.set_postfix(fid=f"{point['fidelity']:.4f}",
+                                    stab=f"{point['stability']:.4f}",
+                                    lin=f"{point['linearity']:.3f}", subsets_s=f"{rate:.0f}")
             if bar is not None:
-                bar.set_postfix(fid=f"{point['fidelity']:.4f}", stab=f"{point['stability']:.4f}",
-                                lin=f"{point['linearity']:.3f}", subsets_s=f"{rate:.0f}")
+                bar.update(1)
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        # Ctrl-C: say where training stood and where a rerun picks up (its last checkpoint).
         if bar is not None:
-            bar.update(1)
-        if on_step is not None:
-            on_step(step)
+            bar.close()
+        last = ckpt.latest_step() if ckpt is not None else None
+        if ckpt is not None:
+            ckpt.close()
+        resume = (f"; a rerun resumes from step {last}, its last checkpoint" if last
+                  else "; no checkpoint yet, so a rerun starts training again")
+        raise KeyboardInterrupt(f"at operator training step {step + 1} of {len(schedule)}"
+                                f"{resume}") from None
     if bar is not None:
         bar.close()
     if ckpt is not None:
