@@ -301,3 +301,14 @@ def timeit_uncontended(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 
             break
     best["attempts"] = i
     return best
+
+
+def task_groundtruth(task: Any, cfg: Any, directory: Path, *, progress: bool = True) -> Any:
+    """The retraining ground truth of a built task (``cfg``: its ``TaskConfig``) in
+    ``directory``: loaded when finished and stamped with this task, resumed or made otherwise;
+    one made for another version of the task (its stamp differs) is refused, naming what changed,
+    so a benchmark never scores against a stale ground truth."""
+    from stride_jax.eval.groundtruth import run_groundtruth
+    return run_groundtruth(task.retrain, n=task.n, num_queries=task.num_queries,
+                           cfg=cfg.groundtruth, out_dir=directory, stamp=task.stamp,
+                           progress=progress)

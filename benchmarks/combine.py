@@ -21,17 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_table, write_results  # noqa: E402
 
+from stride_jax.apps.select import zscore  # noqa: E402  (the one per-query z-score)
 from stride_jax.eval.groundtruth import load_groundtruth  # noqa: E402
 from stride_jax.eval.metrics import lds  # noqa: E402
 
 WEIGHTS = (0.25, 0.5, 0.75)
-
-
-def zscore(s: np.ndarray) -> np.ndarray:
-    """Per-query standardisation, so methods on different scales mix by rank-like weight."""
-    s = s.astype(np.float64)
-    sd = s.std(1, keepdims=True)
-    return (s - s.mean(1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
 def main() -> int:

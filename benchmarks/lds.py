@@ -11,15 +11,28 @@ baseline's time is also given as a ratio to STRIDE's. Optionally, counterfactual
 examples (by STRIDE and by the best baseline) and without k random ones.
 
 The damped baselines (influence, trak, logra) are run at several relative dampings and keep the
-best on the ground truth itself, which favours them; STRIDE runs its configured defaults.
+best on the ground truth itself, which favours them; STRIDE, EK-FAC and K-FAC run their configured
+defaults (EK-FAC/K-FAC: 0.1 x the mean eigenvalue, as the kronfluence peer). Every method goes
+through the one registry of ``stride-jax attribute --method`` (``stride_jax.methods``). ``stride``
+is STRIDE at its defaults (closed-form operators); ``stride_trained`` is STRIDE with
+``configs/attribute_trained.yaml`` (the paper's operators trained on random subsets and decoded
+by regression, the default before closed form).
+
+``mix`` is the default mixture (``stride_jax/mixture_default.json``: per-query z-scores of its
+components, weights fixed in advance on the digits and pretrain tasks by benchmarks/mixture.py);
+its row reuses the components' scores of this run (at their default settings) and its time is the
+sum of theirs. ``--merge`` keeps the rows of methods not run this time from the existing results
+file, so a few methods can be (re)measured without rerunning the rest; a mixture whose components
+are such kept rows takes their stored scores (``--scores-dir``) and recorded times.
 
 Targets (issue 4): STRIDE's LDS above every baseline on every task, and STRIDE at least 13x
 faster than the best gradient baseline whose LDS is within 10 % of STRIDE's. The script reports
 whether each is met; it never tunes anything to meet them.
 
 Usage:
-  python benchmarks/lds.py [--tasks digits,pretrain,finetune] [--methods stride,trak,...]
+  python benchmarks/lds.py [--tasks digits,pretrain,finetune] [--methods stride,trak,...,mix]
                            [--groundtruth-dir runs/gt] [--counterfactual digits] [--set k=v ...]
+                           [--merge]
 Writes benchmarks/results/lds.json (after every row) and benchmarks/results/lds.png.
 """
 
@@ -35,16 +48,34 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, ForeignLoad, print_table, write_results  # noqa: E402
+from _common import (RESULTS_DIR, ForeignLoad, print_table, task_groundtruth,  # noqa: E402
+                     write_results)
 
+from stride_jax.attributor import AttributeConfig  # noqa: E402
 from stride_jax.config import load_config  # noqa: E402
-from stride_jax.eval.groundtruth import run_groundtruth  # noqa: E402
 from stride_jax.eval.metrics import counterfactual_summary, lds  # noqa: E402
 from stride_jax.eval.suite import (GRADIENT_METHODS, METHODS, TaskConfig, build_task,  # noqa: E402
                                    counterfactual, run_method)
 
 ROOT = Path(__file__).resolve().parents[1]
 DAMPED = ("influence", "trak", "logra")
+# Rows that run a registry method with another STRIDE config: name -> (method, config file).
+VARIANTS = {"stride_trained": ("stride", ROOT / "configs" / "attribute_trained.yaml")}
+
+
+def _method_and_config(method: str, cfg: TaskConfig) -> tuple[str, TaskConfig]:
+    """The registry method behind a row and the task config it runs with (``VARIANTS``)."""
+    if method not in VARIANTS:
+        return method, cfg
+    name, path = VARIANTS[method]
+    return name, dataclasses.replace(cfg, stride=load_config(AttributeConfig, path))
+
+
+def _with_damping(cfg: TaskConfig, method: str, fraction: float) -> TaskConfig:
+    """``cfg`` with ``baselines.<method>.damping_fraction = fraction``."""
+    b = cfg.baselines
+    sub = dataclasses.replace(getattr(b, method), damping_fraction=fraction)
+    return dataclasses.replace(cfg, baselines=dataclasses.replace(b, **{method: sub}))
 
 
 def _targets(rows: list[dict]) -> dict:
@@ -69,6 +100,25 @@ def _targets(rows: list[dict]) -> dict:
         "speedup_target_13x_met": (fastest_close["seconds"] / s["seconds"] >= 13
                                    if fastest_close else None),
     }
+
+
+def _stored_components(rows: list[dict], scores_dir: Path, task) -> dict:
+    """``{method: MethodResult}`` of kept rows whose scores this script stored (same ids), for a
+    mixture measured with ``--merge`` without rerunning its components. Damped baselines are left
+    out: their stored scores are at the damping that was best on the ground truth, not the
+    default a mixture must use."""
+    from stride_jax.methods import MethodResult
+    out = {}
+    for r in rows:
+        m, d = r["method"], scores_dir / r["method"]
+        if "lds" not in r or m in DAMPED or m.startswith("mix") or not (d / "scores.npy").is_file():
+            continue
+        ids = json.loads((d / "ids.json").read_text()) if (d / "ids.json").is_file() else {}
+        if ids.get("queries") != list(task.queries.ids) or ids.get("train") != list(task.train.ids):
+            continue
+        out[m] = MethodResult(np.load(d / "scores.npy", allow_pickle=False), r["seconds"],
+                              {"from": str(d / "scores.npy")})
+    return out
 
 
 def plot(results: dict, path: Path) -> Path | None:
@@ -109,7 +159,12 @@ def plot(results: dict, path: Path) -> Path | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="digits,pretrain,finetune")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS + tuple(VARIANTS) + ("mix",)),
+                    help="methods (stride_jax.methods names; mix: the default mixture; "
+                         "stride_trained: STRIDE with configs/attribute_trained.yaml, the "
+                         "trained operators that were the default before closed form)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the existing results file's rows of methods not run now")
     ap.add_argument("--groundtruth-dir", type=Path, default=ROOT / "runs" / "gt",
                     help="ground truths are made (or resumed) in DIR/<task>")
     ap.add_argument("--scores-dir", type=Path, default=ROOT / "runs" / "lds_scores")
@@ -140,6 +195,11 @@ def main() -> None:
     m = machine_info()
     device = f"{jax.default_backend()}: {m['cpu_model']} x {m['cpu_count']}"
     results: dict = {"device": device, "tasks": {}, "argv": sys.argv[1:]}
+    old_path = RESULTS_DIR / f"{args.name}.json"
+    previous = json.loads(old_path.read_text()) if args.merge and old_path.is_file() else {}
+    if previous:
+        results["tasks"] = previous.get("tasks", {})
+        results["argv_merged"] = previous.get("argv_merged", []) + [previous.get("argv")]
     table = []
     cf_tasks = set() if args.counterfactual == "none" else set(args.counterfactual.split(","))
     for tname in args.tasks.split(","):
@@ -150,33 +210,40 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         print(f"[{tname}] built in {build_s:.0f} s: n={task.n}, Q={task.num_queries}")
         t0 = time.perf_counter()
-        gt = run_groundtruth(task.retrain, n=task.n, num_queries=task.num_queries,
-                             cfg=cfg.groundtruth, out_dir=args.groundtruth_dir / tname,
-                             stamp=task.stamp, progress=True)
+        gt = task_groundtruth(task, cfg, args.groundtruth_dir / tname)
         entry = {"n": task.n, "queries": task.num_queries, "build_seconds": build_s,
                  "groundtruth_subsets": int(gt.masks_sn.shape[0]),
                  "groundtruth_seconds_this_run": time.perf_counter() - t0,
                  "groundtruth_info": {k: v for k, v in gt.info.items()
                                       if k != "seconds_per_chunk"},
                  "overrides": overrides, "rows": []}
+        methods = args.methods.split(",")
+        kept = [r for r in results["tasks"].get(tname, {}).get("rows", [])
+                if r["method"] not in methods]
         results["tasks"][tname] = entry
+        entry["rows"] = kept
         scores = {}
-        for method in args.methods.split(","):
+        # method -> its result at the default settings, which mixtures reuse; with --merge, also
+        # the kept rows' methods, from their stored scores and recorded times.
+        defaults: dict = _stored_components(kept, args.scores_dir / tname, task)
+        for method in methods:
             if method == "bm25" and task.train_docs is None:
                 continue
             fractions = fracs if method in DAMPED else [None]
             by_fraction = {}
             try:
                 for f in fractions:
-                    mcfg = cfg if f is None else dataclasses.replace(
-                        cfg, baselines=dataclasses.replace(cfg.baselines, damping_fraction=f))
+                    name, mcfg = _method_and_config(method, cfg)
+                    mcfg = mcfg if f is None else _with_damping(mcfg, method, f)
                     times = []
                     for _ in range(max(1, args.repeat) if f == fractions[0] else 1):
                         with ForeignLoad() as fl:
-                            res = run_method(method, task, mcfg)
+                            res = run_method(name, task, mcfg, cache=dict(defaults))
                         times.append(res.seconds)
                     if f == fractions[0]:
                         first_times = times
+                        defaults[method] = res._replace(
+                            seconds=min(times[1:]) if len(times) > 1 else times[0])
                     r = lds(res.scores_qn, gt.masks_sn, gt.losses_sq)
                     by_fraction[f] = (r, res, times)
             except MemoryError as e:
@@ -219,6 +286,14 @@ def main() -> None:
                 "time / STRIDE": ("-" if r["time_vs_stride"] is None
                                   else f"{r['time_vs_stride']:.2f}x")})
         entry["targets"] = _targets(ok_rows)
+        mixes = [r for r in ok_rows if r["method"].startswith("mix")]
+        singles = [r for r in ok_rows if not r["method"].startswith("mix")]
+        if mixes and singles:
+            best = max(singles, key=lambda r: r["lds"]["mean"])
+            entry["mixture_vs_best_single"] = {
+                r["method"]: {"lds": r["lds"]["mean"], "best_single": best["method"],
+                              "best_single_lds": best["lds"]["mean"],
+                              "ratio": r["lds"]["mean"] / best["lds"]["mean"]} for r in mixes}
         if tname in cf_tasks and "stride" in scores:
             k = max(1, int(round(args.cf_k * task.n)))
             qs = np.arange(min(args.cf_queries, task.num_queries))

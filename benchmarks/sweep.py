@@ -14,7 +14,7 @@ takes its name, flagged ``superseded``).
 Variants are strings of whitespace-separated ``key=value`` tokens:
 
     "name=r64 stride.steering.rank=64 stride.train.weight_stability=3"
-    "name=if-1e-4 method=influence baselines.damping=1e-4"
+    "name=if-1e-4 method=influence baselines.influence.damping=1e-4"
 
 ``name=`` labels the row (default: the overrides themselves, or ``default``), ``method=`` picks the
 method (default ``stride``; see ``stride_jax.eval.suite.METHODS``) and every other token is a dotted

@@ -22,7 +22,10 @@ file                contents
 ``estimator`` names what produced each query's scores: ``closed_form`` (closed-form operators,
 ``operators=closed_form``: no subsets, so ``y`` is ``[Q, 0]`` and there is no penalty nor
 intercept, and ``lambda``/``intercept`` are absent rather than NaN), or ``lasso`` / ``ridge``
-(trained operators decoded by that regression, with its penalty ``lambda`` and ``intercept``).
+(trained operators decoded by that regression, with its penalty ``lambda`` and ``intercept``),
+or for a run of another method (``attribute --method``, :mod:`stride_jax.methods`) that method:
+``ekfac``, ``trak``, ... or a mixture ``mix:stride=0.4,ekfac=0.6`` (no ``y``, ``lambda`` or
+``intercept``).
 
 ``stride-jax score`` writes ``scores.npy`` and ``ids.json`` only, which :meth:`Attribution.load`
 reads too (the per-query arrays are then ``None``). The Attributor adds ``attribute.yaml`` and
@@ -47,10 +50,11 @@ from stride_jax.errors import ConfigError, DataError, NonFiniteError
 from stride_jax.io.atomic import (atomic_write_text, json_text, load_npy, save_npy, save_npz,
                                   write_json)
 
-__all__ = ["Attribution", "CLOSED_FORM", "CONFIG", "IDS", "PER_QUERY", "REPORT", "RUN_ARTIFACTS",
+__all__ = ["Attribution", "CLOSED_FORM", "CONFIG", "IDS", "METHOD_STAGES", "PER_QUERY", "REPORT",
+           "RUN_ARTIFACTS",
            "SCORES", "SCORES_TOPK", "SELECTED", "SELFINF", "SELF_STAMPED", "STAGES", "TOKENS",
-           "TOPK", "TopScores", "read_ids", "topk_texts", "write_ids", "write_selfinf",
-           "write_tokens"]
+           "TOPK", "TopScores", "read_estimators", "read_ids", "topk_texts", "write_ids",
+           "write_selfinf", "write_tokens"]
 
 SCORES = "scores.npy"
 SCORES_TOPK = "scores_topk.npz"
@@ -64,12 +68,15 @@ SELECTED = "selected.jsonl"      # stride_jax.apps.select
 CONFIG = "attribute.yaml"        # the Attributor's config
 # The Attributor's stage directories, and the CLI's streamed training rows (tokens/).
 STAGES = ("design", "operators", "responses", "solve", "selfinf", "tokens")
+# The stage directories of the other methods (stride_jax.methods): K-FAC/EK-FAC factors, and
+# each method's scores under methods/<method>/.
+METHOD_STAGES = ("factors", "methods")
 # Everything a run directory may hold: --overwrite removes all of it (stride_jax.io.outdir),
 # except the stage directories that check their own stamps (SELF_STAMPED, which replace
 # themselves when their arguments differ).
 RUN_ARTIFACTS = (SCORES, SCORES_TOPK, TOPK, IDS, PER_QUERY, TOKENS, SELFINF, REPORT, SELECTED,
-                 CONFIG) + STAGES
-SELF_STAMPED = ("design", "operators", "tokens")
+                 CONFIG) + STAGES + METHOD_STAGES
+SELF_STAMPED = ("design", "operators", "tokens") + METHOD_STAGES
 
 CLOSED_FORM = "closed_form"      # the estimator of closed-form operators (per_query.npz)
 
@@ -165,7 +172,8 @@ class Attribution(NamedTuple):
     lam_q: np.ndarray | None = None          # [Q] penalty of each query's fit (None: closed form)
     intercept_q: np.ndarray | None = None    # [Q] (None: closed form)
     top_scores: TopScores | None = None
-    estimator_q: np.ndarray | None = None    # str [Q]: 'closed_form', 'lasso' or 'ridge'
+    estimator_q: np.ndarray | None = None    # str [Q]: 'closed_form', 'lasso', 'ridge' or a
+                                             # method of stride_jax.methods ('ekfac', ...)
 
     @property
     def num_queries(self) -> int:
@@ -361,6 +369,20 @@ def read_ids(path: str | Path, *, hint: str = RUN_HINT) -> tuple[list[str], list
 def write_ids(path: str | Path, query_ids: Sequence[str], train_ids: Sequence[str]) -> None:
     """``ids.json``: the query and training ids, in score order (ground truths have one too)."""
     write_json(path, {"queries": list(query_ids), "train": list(train_ids)})
+
+
+def read_estimators(run_dir: str | Path) -> list[str]:
+    """What produced a run's scores: the distinct ``estimator`` values of its ``per_query.npz``
+    in order of appearance (``closed_form``, ``ridge``, ``ekfac``, a mixture, ...); empty when
+    the run stored none (``stride-jax score``) or the file is unreadable (:meth:`Attribution.load`
+    reports that)."""
+    path = Path(run_dir) / PER_QUERY
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            values = z["estimator"] if "estimator" in z.files else np.array([])
+    except (ValueError, OSError, EOFError):
+        return []
+    return list(dict.fromkeys(str(v) for v in np.asarray(values).reshape(-1)))
 
 
 def topk_texts(run_dir: str | Path) -> dict[str, str]:

@@ -59,6 +59,7 @@ from stride_jax.io.atomic import save_npy, save_npz, write_json
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
 from stride_jax.measure import (MeasureConfig, MeasureInputs, Measurement, Responses,
                                 as_measurement, implausible_base_loss, measure_responses)
+from stride_jax.methods import MethodsConfig
 from stride_jax.model.transformer import CausalLM
 from stride_jax.parallel import (ParallelConfig, indivisible, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
@@ -191,13 +192,29 @@ class AttributeConfig:
     token_queries: int = option(16, "queries (the first ones) whose per-token attribution of "
                                     "their listed examples is written to tokens.json (CLI; 0: "
                                     "none)")
+    method: str = option("stride", "attribution method (CLI: --method): stride, ekfac, kfac, "
+                                   "trak, logra, tracin, graddot, if, bm25, repsim, or a mixture "
+                                   "mix:stride=0.25,ekfac=0.75 (mix: the default mixture); see "
+                                   "stride_jax.methods")
+    methods: MethodsConfig = option(MethodsConfig(), "settings of the methods other than STRIDE")
 
     def __post_init__(self) -> None:
         K = self.design.num_subsets
         check_ranges(self, {"seed": SEED_RANGE, "topk": ">= 1", "token_queries": ">= 0"},
                      fixes={"token_queries": "0 writes no tokens.json"},
                      extra=_size_problems(self, "scores_memory_limit") + _solve_problems(self.solve)
-                     + ([] if K is None else _subset_problems(self, K, None)))
+                     + ([] if K is None else _subset_problems(self, K, None))
+                     + _method_problems(self.method))
+
+
+def _method_problems(method: str) -> list[tuple[str, Any, str]]:
+    """An unknown method or a malformed mixture, named when the config is loaded."""
+    from stride_jax.methods import parse_method
+    try:
+        parse_method(method)
+    except ConfigError as e:
+        return [("method", method, f"is not a method: {e}")]
+    return []
 
 
 def _solve_problems(solve: SolveConfig) -> list[tuple[str, Any, str]]:

@@ -283,7 +283,10 @@ def cmd_attribute(args) -> int:
                                       load_tokenizer, special_ids, tokenizer_fingerprint,
                                       vocab_size_of)
 
+    if args.method is not None:
+        args.overrides = [*args.overrides, f"method={args.method}"]
     cfg = _load(AttributeConfig, args)
+    spec = _check_method(cfg, args)
     _join_processes(cfg.parallel, args)
     _claim(args)
     model = from_hf(args.model, strict=not args.no_strict_config)
@@ -322,7 +325,7 @@ def cmd_attribute(args) -> int:
         "model": str(args.model.resolve()), "tokenizer": tokenizer_fingerprint(tokenizer),
         "train": {"path": str(args.train.resolve()), "size": source["size"]},
         "queries": rows_fingerprint(query_rows), "memory_budget": args.memory_budget,
-        "self_influence": args.self_influence})
+        "self_influence": args.self_influence, "method": spec.text})
     stream = cfg.data.stream
     if stream == "auto":
         stream = "on" if source["size"] > threshold else "off"
@@ -362,6 +365,8 @@ def cmd_attribute(args) -> int:
                else f"{train_rows.seq_len} (queries: {query_rows.seq_len})")
     print(f"{len(train_rows)} training rows and {len(query_rows)} queries of {lengths} tokens "
           f"({how})")
+    if spec.name != "stride":     # every other method and mixtures: stride_jax.methods
+        return _attribute_method(cfg, spec, model, tokenizer, train_rows, query_rows, args)
     check_run(cfg, len(train_rows))   # settings that depend on n, before any work on them
     cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
     result, train_texts, query_texts = _attribute_and_write(
@@ -369,6 +374,44 @@ def cmd_attribute(args) -> int:
         progress=not args.quiet, self_influence=args.self_influence)
     print_attribution(result, train_texts, query_texts)
     print(f"\nscores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written to {args.out}")
+    return 0
+
+
+def _check_method(cfg, args):
+    """The parsed ``--method`` (the config checked it on load) and the options only STRIDE has."""
+    from stride_jax.methods import parse_method
+    spec = parse_method(cfg.method)
+    if spec.name != "stride" and args.self_influence:
+        raise ConfigError(f"--self-influence uses STRIDE's operators; drop it or use --method "
+                          f"stride (method is {spec.text})")
+    return spec
+
+
+def _attribute_method(cfg, spec, model, tokenizer, train_rows, query_rows, args) -> int:
+    """``attribute --method M`` for M other than stride: the registry's stamped stages
+    (:mod:`stride_jax.methods`), the same output files as STRIDE's."""
+    from stride_jax import methods
+    from stride_jax.attributor import check_run
+    from stride_jax.errors import DataError
+    from stride_jax.io.outdir import complete_output_dir
+    from stride_jax.tokenizer import row_texts
+    if "stride" in spec.methods:
+        check_run(cfg, len(train_rows))
+        cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
+    elif len(train_rows) < 1:
+        raise DataError(f"{args.train} holds no training rows: nothing to attribute to")
+    plan = methods.plan_memory(cfg, model, n=len(train_rows), num_queries=len(query_rows),
+                               seq_len=train_rows.seq_len, budget=args.memory_budget)
+    print(f"estimated peak memory of {spec.text} (stride_jax.methods.plan_memory):")
+    print(plan.format())
+    result = methods.attribute(model, train_rows, query_rows, plan.config, workdir=args.out,
+                               overwrite=args.overwrite, progress=not args.quiet)
+    train_texts, query_texts = row_texts(train_rows, tokenizer), row_texts(query_rows, tokenizer)
+    result.write(args.out, train_texts=train_texts, query_texts=query_texts, k=cfg.topk)
+    complete_output_dir(args.out)
+    print_attribution(result, train_texts, query_texts)
+    print(f"\n{spec.text} scores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written "
+          f"to {args.out}")
     return 0
 
 
@@ -406,16 +449,20 @@ def cmd_score(args) -> int:
     from stride_jax.eval.suite import TaskConfig, build_task, run_method
     from stride_jax.io.atomic import save_npy, write_json
     from stride_jax.io.outdir import complete_output_dir, open_output_dir
+    from stride_jax.methods import parse_method
 
     cfg = _load(TaskConfig, args)
+    parse_method(args.method)      # an unknown method fails before the task is built
     _claim(args)
-    # stride/ holds the Attributor's stages, which check their own stamps.
+    # Stamped stages (STRIDE's in stride/, EK-FAC's factors and each other method's scores in
+    # stages/) check their own stamps: a rerun reuses them.
     open_output_dir(args.out, "score", {"method": args.method, "config": to_dict(cfg)},
                     overwrite=args.overwrite, artifacts=("scores.npy", "ids.json", "timing.json",
-                                                         "stride"), keep=("stride",))
+                                                         "stride", "stages"),
+                    keep=("stride", "stages"))
     task = build_task(cfg)
-    res = run_method(args.method, task, cfg, workdir=args.out / "stride" if args.method == "stride"
-                     else None, progress=not args.quiet)
+    stages = args.out / ("stride" if args.method == "stride" else "stages")
+    res = run_method(args.method, task, cfg, workdir=stages, progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     save_npy(args.out / "scores.npy", res.scores_qn)
     _write_ids(args.out / "ids.json", task)
@@ -533,9 +580,12 @@ def cmd_report(args) -> int:
 def cmd_select(args) -> int:
     """Top-k pool examples by aggregate influence on a run's queries (stride_jax.apps.select)."""
     from stride_jax.apps.select import select_run
+    from stride_jax.attribution import read_estimators
     recs, path = select_run(args.run, args.k, how=args.aggregate, out=args.out)
     with_text = sum("text" in r for r in recs)
-    print(f"selected {len(recs)} examples by {args.aggregate} aggregate -> {path} "
+    made_by = read_estimators(args.run) if Path(args.run).is_dir() else []
+    by = f" ({'/'.join(made_by).replace('_', ' ')} scores)" if made_by else ""
+    print(f"selected {len(recs)} examples{by} by {args.aggregate} aggregate -> {path} "
           f"({with_text} with text from topk.jsonl)")
     for r in recs[:5]:
         print(f"  {r['rank']:>4}  {r['value']:+.3f}  {r['id']:<28} "
@@ -624,6 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-influence", action="store_true",
                    help="also score every training row's memorisation (selfinf.json; costs "
                         "about 2d/K of measuring every row as a query)")
+    p.add_argument("--method", default=None, metavar="M",
+                   help="stride (default), ekfac, kfac, trak, logra, tracin, graddot, if, bm25, "
+                        "repsim, or a mixture of per-query z-scores such as "
+                        "mix:stride=0.25,ekfac=0.75 (mix: the default mixture); settings in the "
+                        "config's methods.* keys (stride_jax.methods)")
     _add_config_args(p)
     p.set_defaults(func=cmd_attribute)
 
@@ -637,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="scores of one method (stride or a baseline) on a task")
     p.add_argument("--method", required=True,
-                   help="stride, influence, trak, logra, tracin, graddot, repsim or bm25")
+                   help="stride, ekfac, kfac, influence (if), trak, logra, tracin, graddot, "
+                        "repsim, bm25, or a mixture mix:stride=0.25,ekfac=0.75 (mix: the default)")
     p.add_argument("--out", type=_path, required=True, help="output directory (scores.npy)")
     _add_overwrite(p, "scores")
     _add_config_args(p)

@@ -81,6 +81,40 @@ def test_killed_operator_training_resumes_bitwise_and_skips_finished_steps(tmp_p
 
 
 # --------------------------------------------------------------------------------------------
+# EK-FAC factor fitting (attribute --method ekfac)
+# --------------------------------------------------------------------------------------------
+
+def test_killed_ekfac_factor_fit_resumes_bitwise(tmp_path_factory, tmp_path):
+    """Killed during the eigenvalue-correction pass (after a save of its running sums): the rerun
+    reuses the finished covariances, resumes the pass at the saved row, and gives bitwise the
+    uninterrupted run's factors and scores."""
+    root = cli.tiny_model(tmp_path_factory)
+    env = cli.cli_env(tmp_path_factory)
+    extra = ("method=ekfac", "methods.ekfac.batch_size=2", "methods.ekfac.checkpoint_every=1")
+    ref_dir, out = tmp_path / "uninterrupted", tmp_path / "run"
+    reference = cli.Proc(cli.attribute_args(root, ref_dir, *extra), env=env, log_dir=tmp_path,
+                         name="ekfac_reference")
+    args = cli.attribute_args(root, out, *extra)
+    partial = out / "factors" / "ekfac" / "lambda.partial.safetensors"
+    cli.Proc(args, env=env, log_dir=tmp_path, name="ekfac_killed").kill_when(partial.exists)
+    assert (out / "factors" / "kfac" / "eigen.safetensors").is_file()
+    assert not (out / "factors" / "ekfac" / "factors.safetensors").exists()
+    assert not (out / "scores.npy").exists()
+
+    again = cli.run_cli(args, env=env, log_dir=tmp_path, name="ekfac_resumed").check()
+    found = re.findall(r"EK-FAC eigenvalues: resuming at row (\d+) of (\d+)", again.stderr)
+    assert found, again.stderr[-3000:]
+    start, total = map(int, found[-1])
+    assert 0 < start < total == 120, (start, total)
+    assert f"reusing {out / 'factors' / 'kfac'}" in again.stderr
+    reference.wait().check()
+    np.testing.assert_array_equal(np.load(out / "scores.npy", allow_pickle=False),
+                                  np.load(ref_dir / "scores.npy", allow_pickle=False))
+    assert ((out / "factors" / "ekfac" / "factors.safetensors").read_bytes()
+            == (ref_dir / "factors" / "ekfac" / "factors.safetensors").read_bytes())
+
+
+# --------------------------------------------------------------------------------------------
 # ground-truth retraining
 # --------------------------------------------------------------------------------------------
 

@@ -754,8 +754,12 @@ def config_summary(config: Mapping | None, n: int | None) -> list[tuple[str, str
     """
     if config is None:
         return []
+    method = str(_dig(config, "method") or "stride")
+    if method != "stride":
+        return [("method", method)] + _method_settings(config, method)
     if _dig(config, "operators") == "closed_form":
-        items = [("operators", "closed form"), ("site", _dig(config, "steering", "site")),
+        items = [("method", "stride"), ("operators", "closed form"),
+                 ("site", _dig(config, "steering", "site")),
                  ("output damping", _dig(config, "closed_form", "output_damping")),
                  ("reader damping", _dig(config, "closed_form", "reader_damping")),
                  ("seed", _dig(config, "seed")), ("top-k", _dig(config, "topk"))]
@@ -770,12 +774,28 @@ def config_summary(config: Mapping | None, n: int | None) -> list[tuple[str, str
             k_text = f"{default_num_subsets(n, d)} (auto)"
         except (ImportError, ValueError):
             k_text = "auto"
-    items = [("site", _dig(config, "steering", "site")), ("rank", _dig(config, "steering", "rank")),
+    items = [("method", "stride"),
+             ("site", _dig(config, "steering", "site")), ("rank", _dig(config, "steering", "rank")),
              ("K subsets", k_text), ("per example d", d),
              ("estimator", _dig(config, "solve", "estimator")), ("design", kind),
              ("epochs", _dig(config, "train", "epochs")), ("seed", _dig(config, "seed")),
              ("top-k", _dig(config, "topk"))]
     return [(k, "–" if v is None else str(v)) for k, v in items]
+
+
+def _method_settings(config: Mapping, method: str) -> list[tuple[str, str]]:
+    """The settings of a method other than STRIDE (``methods.<name>`` of ``attribute.yaml``);
+    for a mixture, each component's section."""
+    names = ([p.split("=")[0].strip() for p in method[4:].split(",")]
+             if method.startswith("mix:") else [method])
+    section = {"kfac": "ekfac", "if": "influence", "graddot": None, "repsim": None}
+    items: list[tuple[str, str]] = []
+    for name in names:
+        sub = _dig(config, "methods", section.get(name, name) or "")
+        if isinstance(sub, Mapping):
+            items += [(f"{name} {k}", "–" if v is None else str(v)) for k, v in sub.items()
+                      if not isinstance(v, (Mapping, list))]
+    return items + [("seed", str(_dig(config, "seed"))), ("top-k", str(_dig(config, "topk")))]
 
 
 def _kv(items: Sequence[tuple[str, str]]) -> str:
@@ -849,7 +869,9 @@ def render_report(run: RunData, *, lds: tuple[dict[str, list[LdsPoint]], dict[st
     """The whole page as one string (pure: the same inputs give the same bytes)."""
     from stride_jax import __version__
 
-    title = title or f"stride-jax attribution report: {run.run_dir.name or run.run_dir}"
+    method = str(_dig(run.config, "method") or "stride") if run.config is not None else None
+    title = title or (f"stride-jax attribution report: {run.run_dir.name or run.run_dir}"
+                      + (f" ({method})" if method else ""))
     train_ids = run.ids["train"] if run.ids is not None else None
     n = (len(train_ids) if train_ids is not None
          else run.scores.shape[1] if run.scores is not None else None)
@@ -874,6 +896,7 @@ def render_report(run: RunData, *, lds: tuple[dict[str, list[LdsPoint]], dict[st
             f'<meta name="generator" content="stride-jax {_esc(__version__)}">'
             f"<title>{_esc(title)}</title><style>{_css()}</style></head><body>",
             f"<header><h1>{_esc(title)}</h1><p class=\"muted\">Run <code>{_esc(run.run_dir)}</code>"
+            + (f" · method <b>{_esc(method)}</b>" if method else "") +
             f" · stride-jax {_esc(__version__)} · a score &gt; 0 means training on the example "
             f"lowers the query's loss (proponent), &lt; 0 raises it (opponent).</p></header>",
             '<section id="summary"><h2>Run summary</h2>', _kv(summary)]

@@ -41,7 +41,7 @@ import numpy as np
 from stride_jax.attribution import Attribution, topk_texts
 from stride_jax.errors import ConfigError, DataError
 
-__all__ = ["AGGREGATES", "aggregate", "load_run", "select_run", "select_top"]
+__all__ = ["AGGREGATES", "aggregate", "load_run", "select_run", "select_top", "zscore"]
 
 Aggregate = Literal["zscore", "mean", "rank"]
 AGGREGATES: tuple[str, ...] = ("zscore", "mean", "rank")
@@ -92,13 +92,20 @@ def aggregate(scores_qn: np.ndarray, how: str = "zscore") -> np.ndarray:
         return s.mean(0)
     if how == "rank":
         return _ranks01(s).mean(0)
+    return zscore(s).mean(0)
+
+
+def zscore(scores_qn: np.ndarray) -> np.ndarray:
+    """Per-query standardisation ``z_qi = (S_qi - mu_q) / sigma_q``, float64 ``[Q, n]`` (module
+    docstring); a query whose scores are all equal gets 0 everywhere. Also what mixtures of
+    methods (:mod:`stride_jax.methods`) sum."""
+    s = np.asarray(scores_qn, np.float64)
     mu = s.mean(1, keepdims=True)
     sd = s.std(1, keepdims=True)
     # A constant query carries no ranking information: it contributes 0, not NaN. The tolerance
     # is relative, so round-off in an "all equal" row does not become a huge z-score.
     flat = sd <= 1e-12 * np.maximum(np.abs(mu), np.finfo(np.float64).tiny)
-    z = np.where(flat, 0.0, (s - mu) / np.where(flat, 1.0, sd))
-    return z.mean(0)
+    return np.where(flat, 0.0, (s - mu) / np.where(flat, 1.0, sd))
 
 
 def select_top(values_n: np.ndarray, k: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from stride_jax.errors import ModelError
 from stride_jax.model.config import ModelConfig
+from stride_jax.model.taps import tap
 
 _INIT_STD = 0.02
 
@@ -36,7 +37,8 @@ class Dense(nnx.Module):
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        # A named hook point for curvature methods (stride_jax.model.taps); y itself otherwise.
+        return tap(self, x, y, self.bias is not None)
 
 
 class Norm(nnx.Module):

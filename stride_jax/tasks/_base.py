@@ -29,6 +29,8 @@ class Task:
       num_layers: depth available to the steering reader.
       train_texts, query_texts: human-readable examples (reports), or None.
       train_docs, query_docs: token-id sequences for lexical baselines (BM25), or None.
+      token_model: the model as a :class:`stride_jax.baselines.ekfac.TokenModel` for K-FAC /
+        EK-FAC, or None (a ``CausalLM`` model is adapted automatically).
     """
 
     name: str
@@ -49,6 +51,7 @@ class Task:
     query_texts: list[str] | None = None
     train_docs: list[np.ndarray] | None = None
     query_docs: list[np.ndarray] | None = None
+    token_model: Any = None
 
     @property
     def n(self) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 from stride_jax.attributor import AttributeConfig
 from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.errors import ConfigError
-from stride_jax.eval.suite import BaselineConfig
+from stride_jax.methods import MethodsConfig
 from stride_jax.tasks._base import Task
 from stride_jax.tasks.lm import PretrainTaskConfig, _first_queries, _make_task, _pretrain_parts
 
@@ -62,7 +62,7 @@ class ContaminationConfig:
 
     task: ContaminationTaskConfig = option(ContaminationTaskConfig(), "the contaminated task")
     stride: AttributeConfig = option(AttributeConfig(), "STRIDE's configuration (as for task (a))")
-    baselines: BaselineConfig = option(BaselineConfig(), "the baselines' settings")
+    baselines: MethodsConfig = option(MethodsConfig(), "the baselines' settings")
     methods: tuple[str, ...] = option(DEFAULT_METHODS, "methods scored (CLI: --methods)")
     combine: tuple[str, ...] = option(("rank", "zscore"), "how STRIDE is combined with each "
                                                           "other method: rank, zscore, rrf")
@@ -71,12 +71,17 @@ class ContaminationConfig:
     seed: int = option(0, "seed of the methods' randomness (projections)")
 
     def __post_init__(self) -> None:
-        from stride_jax.eval.suite import METHODS
+        from stride_jax.methods import METHODS, parse_method
         extra = []
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = []
+        for m in self.methods:
+            try:
+                parse_method(m)
+            except ConfigError:
+                unknown.append(m)
         if unknown or not self.methods:
             extra.append(("methods", list(self.methods),
-                          f"must name methods among {', '.join(METHODS)}"))
+                          f"must name methods among {', '.join(METHODS)} (or mixtures mix:...)"))
         if any(c not in ("rank", "zscore", "rrf") for c in self.combine):
             extra.append(("combine", list(self.combine), "must list rank, zscore or rrf"))
         if self.detection_stat not in ("max", "max_z"):
@@ -152,11 +157,11 @@ def run_audit(cfg: ContaminationConfig = ContaminationConfig(),
     """
     from stride_jax.apps.contamination import audit_scores, combine, format_table
     from stride_jax.apps.contamination import average_precision, roc_auc
-    from stride_jax.eval.suite import METHODS, run_method
+    from stride_jax.eval.suite import run_method
+    from stride_jax.methods import parse_method
     methods = tuple(methods if methods is not None else cfg.methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    for m in methods:
+        parse_method(m)     # a one-line error naming an unknown method
     if cfg.k < 1:
         raise ConfigError(f"k={cfg.k} must be >= 1")
     work = Path(workdir) if workdir is not None else None

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stride_jax.baselines.ekfac import TokenModel
 from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.data import TokenizedSet
 from stride_jax.errors import ConfigError, MissingDependencyError
+from stride_jax.model.taps import dense
 from stride_jax.recipes.pretrain import OptimConfig
 from stride_jax.steering import LMFunctions
 from stride_jax.steering._adapter import params_fingerprint
@@ -75,18 +77,39 @@ def _num_linear(params) -> int:
     return sum(1 for k in params if k.startswith("w"))
 
 
+def _layer(params, i: int, h: jax.Array) -> jax.Array:
+    # A named tap point (stride_jax.model.taps): K-FAC/EK-FAC read its input and output
+    # gradient; otherwise exactly h @ w + b.
+    return dense(f"w{i}", h, params[f"w{i}"], params[f"b{i}"])
+
+
 def hidden_states(params, x: jax.Array) -> list[jax.Array]:
     """Post-activation hidden layers ``[h_1, ..., h_L]``."""
     hs, h = [], x
     for i in range(_num_linear(params) - 1):
-        h = jax.nn.relu(h @ params[f"w{i}"] + params[f"b{i}"])
+        h = jax.nn.relu(_layer(params, i, h))
         hs.append(h)
     return hs
 
 
 def head(params, h: jax.Array) -> jax.Array:
-    last = _num_linear(params) - 1
-    return h @ params[f"w{last}"] + params[f"b{last}"]
+    return _layer(params, _num_linear(params) - 1, h)
+
+
+def token_model(params) -> TokenModel:
+    """The MLP as an EK-FAC :class:`TokenModel` over ``{"x": [n, 64], "y": [n]}`` examples: one
+    position per example, its label the target, every dense layer tapped."""
+
+    def logits(p, batch):
+        return logits_fn(p, batch["x"])[:, None, :]
+
+    def prepare(ex):
+        x = np.asarray(ex["x"], np.float32)
+        ones = np.ones((x.shape[0], 1), np.float32)
+        return {"x": x, "targets": np.asarray(ex["y"], np.int32)[:, None], "loss_mask": ones,
+                "token_mask": ones}
+
+    return TokenModel(params, logits, prepare)
 
 
 def logits_fn(params, x: jax.Array) -> jax.Array:
@@ -118,7 +141,7 @@ def mlp_functions(params, table_x: np.ndarray, layer: int) -> LMFunctions:
     def upper(p, h_reader, ids, mask):
         h = h_reader
         for i in range(layer + 1, depth):
-            h = jax.nn.relu(h @ p[f"w{i}"] + p[f"b{i}"])
+            h = jax.nn.relu(_layer(p, i, h))
         return h
 
     sizes = [params["w0"].shape[0]] + [params[f"w{i}"].shape[1] for i in range(depth + 1)]
@@ -169,7 +192,8 @@ def build_digits_task(cfg: DigitsConfig = DigitsConfig(), *, progress: bool = Fa
         stamp={"task": "digits", "config": to_dict(cfg), "params": params_fingerprint(params)},
         num_layers=len(cfg.hidden), base_query_losses=np.asarray(eval_fn(params), np.float64),
         train_texts=[f"digit {int(v)} (image {i})" for i, v in zip(tr, y[tr])],
-        query_texts=[f"digit {int(v)} (image {i})" for i, v in zip(qu, y[qu])])
+        query_texts=[f"digit {int(v)} (image {i})" for i, v in zip(qu, y[qu])],
+        token_model=token_model(params))
 
 
 def accuracy(params, x: np.ndarray, y: np.ndarray) -> float:
