@@ -59,7 +59,7 @@ from stride_jax.io.atomic import save_npy, save_npz, write_json
 from stride_jax.io.stamps import array_fingerprint, complete_stage, open_stage
 from stride_jax.measure import (MeasureConfig, MeasureInputs, Measurement, Responses,
                                 as_measurement, implausible_base_loss, measure_responses)
-from stride_jax.methods import MethodsConfig
+from stride_jax.methods.config import MethodsConfig
 from stride_jax.model.transformer import CausalLM
 from stride_jax.parallel import (ParallelConfig, indivisible, initialize, is_writer, make_mesh,
                                  make_query_mesh, process_dir, process_slice, query_sharding,
@@ -209,7 +209,7 @@ class AttributeConfig:
 
 def _method_problems(method: str) -> list[tuple[str, Any, str]]:
     """An unknown method or a malformed mixture, named when the config is loaded."""
-    from stride_jax.methods import parse_method
+    from stride_jax.methods.config import parse_method
     try:
         parse_method(method)
     except ConfigError as e:
@@ -827,6 +827,11 @@ class Attributor:
 
     def token_responses(self, queries: TokenizedSet) -> Responses:
         """Per-token responses ``y_qtk`` of a few queries (not stored: one measurement pass)."""
+        if self.closed_form:
+            # Closed-form operators have no responses over subsets; token_attribution gives each
+            # token's exact term of the score instead.
+            raise ConfigError("token_responses needs operators=trained (closed-form operators "
+                              "measure no responses); use token_attribution for per-token effects")
         ops = self.fit_operators()
         return measure_responses(self.lm, self.config.steering.site, ops.basis, ops.coef,
                                  queries, self.config.measure, progress=False, mesh=self.mesh,

@@ -36,6 +36,7 @@ TIMEOUT_S = 300.0
 # log point every step, so history.json counts the steps a run executed.
 ATTRIBUTE_STEPS = 40
 ATTRIBUTE_OVERRIDES = (
+    "operators=trained",   # the stages these runs resume and compare are the trained pipeline's
     "design.num_subsets=40", "design.per_example=4", "train.subsets_per_step=8", "train.epochs=8",
     "train.rows_per_subset=4", "train.stability_rows=4", "train.tokens_per_row=8",
     "train.checkpoint_every=2", "train.log_every=1", "topk=3")

@@ -219,8 +219,10 @@ def test_combining_two_partial_signals_beats_each():
 # ----------------------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------------------
-def test_audit_end_to_end_finds_heavily_replicated_leaks(tmp_path, capsys):
-    """A tiny decoder on a small text, 8 queries of which 4 leak with 12 copies each."""
+@pytest.mark.parametrize("operators", ["trained", "closed_form"])
+def test_audit_end_to_end_finds_heavily_replicated_leaks(tmp_path, capsys, operators):
+    """A tiny decoder on a small text, 8 queries of which 4 leak with 12 copies each; STRIDE
+    with trained operators (the settings below) and with the closed-form default."""
     from stride_jax.cli import main
     from stride_jax.data import shakespeare_plays
     text = shakespeare_plays(["macbeth"])[0].text[:24000]
@@ -233,7 +235,8 @@ def test_audit_end_to_end_finds_heavily_replicated_leaks(tmp_path, capsys):
             "task.base.arch.num_heads=2", "task.base.arch.num_kv_heads=1",
             "task.base.arch.head_dim=16", "task.base.optim.epochs=6", "task.base.num_queries=8",
             "task.copies=[12]", "stride.design.per_example=8", "stride.steering.rank=8",
-            "stride.train.epochs=6", "stride.train.subsets_per_step=16", "combine=[rank]"]
+            "stride.train.epochs=6", "stride.train.subsets_per_step=16", "combine=[rank]",
+            f"stride.operators={operators}"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "stride+graddot (rank)" in printed and "chance" in printed
@@ -246,10 +249,17 @@ def test_audit_end_to_end_finds_heavily_replicated_leaks(tmp_path, capsys):
     # recall 48 / (8 n) ~ 0.03, ROC-AUC 0.5. The audit must find the planted copies far above it.
     assert chance["recall"] < 0.1 and chance["hit@10"] < 0.6
     s = rows["stride"]
-    assert s["recall"] >= 0.3 > 10 * chance["recall"], s["recall"]
     assert s["hit@10"] == 1.0
-    assert s["recall_pooled"] >= 0.3
-    assert s["roc_auc"] >= 0.75
+    if operators == "trained":
+        assert s["recall"] >= 0.3 > 10 * chance["recall"], s["recall"]
+        assert s["recall_pooled"] >= 0.3
+        assert s["roc_auc"] >= 0.75
+    else:
+        # The closed form scores an exact copy like the query itself: every replica is on top,
+        # and the scores are comparable across queries (measured: recall 1.0, pooled 0.92).
+        # Query-level detection is not asserted: the max_z statistic shrinks when 12 equal
+        # replicas inflate a query's spread (ROC-AUC 0.25 on these 8 queries, as repsim's).
+        assert s["recall"] >= 0.9 and s["recall_pooled"] >= 0.8, (s["recall"], s["recall_pooled"])
     # Exact copies: their gradient and representation equal the query's, so these find them.
     assert rows["repsim"]["recall"] == 1.0 and rows["graddot"]["hit@10"] == 1.0
     assert rows["stride+graddot (rank)"]["hit@10"] == 1.0

@@ -1,5 +1,5 @@
 """The same seed and config give bitwise the same scores in two fresh processes (CPU); another
-seed gives other scores.
+seed gives other scores with trained operators, and the same with the closed-form default.
 
 The two same-seed runs use different ``PYTHONHASHSEED`` values, so an order that depended on
 string hashing (set or dict-of-set iteration) would show up as a difference.
@@ -25,11 +25,17 @@ def test_same_seed_is_bitwise_reproducible_across_processes_and_seed_matters(tmp
     root = cli.tiny_model(tmp_path_factory)
     cli.start_reference_attribute_run(tmp_path_factory)    # seed 0, PYTHONHASHSEED=1
     same, other = tmp_path / "same_seed", tmp_path / "other_seed"
+    closed = [tmp_path / "closed_form_seed0", tmp_path / "closed_form_seed1"]
     # All three at once: they are independent, and processes share the CPU better than one.
     procs = [cli.Proc(cli.attribute_args(root, same, "seed=0"), log_dir=tmp_path, name="same",
                       env=cli.cli_env(tmp_path_factory, PYTHONHASHSEED="2")),
              cli.Proc(cli.attribute_args(root, other, "seed=1"), log_dir=tmp_path, name="other",
                       env=cli.cli_env(tmp_path_factory, PYTHONHASHSEED="2"))]
+    # The closed-form default draws nothing at random: any seed, any process, the same scores.
+    procs += [cli.Proc(cli.attribute_args(root, out, "operators=closed_form", f"seed={seed}"),
+                       log_dir=tmp_path, name=out.name,
+                       env=cli.cli_env(tmp_path_factory, PYTHONHASHSEED=str(3 + seed)))
+              for seed, out in enumerate(closed)]
     for p in procs:
         p.wait().check()
     reference = cli.reference_attribute_run(tmp_path_factory)
@@ -54,3 +60,6 @@ def test_same_seed_is_bitwise_reproducible_across_processes_and_seed_matters(tmp
     assert c.shape == a.shape and np.isfinite(c).all()
     assert not np.array_equal(c, a)
     assert np.abs(c - a).max() > 1e-3 * np.abs(a).max()
+    d0, d1 = _scores(closed[0]), _scores(closed[1])
+    assert d0.shape == a.shape and np.isfinite(d0).all() and np.abs(d0).max() > 0
+    np.testing.assert_array_equal(d1, d0)

@@ -125,11 +125,12 @@ def test_cli_rejects_a_typo_with_a_suggestion(capsys):
     assert "optim.epoch" in err and "did you mean 'optim.epochs'" in err
 
 
-def test_faithful_preset_changes_only_the_measured_settings():
+def test_faithful_preset_changes_only_the_measured_settings_of_the_trained_pipeline():
     import dataclasses as dc
 
     from stride_jax.attributor import AttributeConfig
-    d = AttributeConfig()
+    d = load_config(AttributeConfig, CONFIGS / "attribute_trained.yaml")   # the preset's base
+    assert d == dc.replace(AttributeConfig(), operators="trained")
     assert load_config(AttributeConfig, CONFIGS / "attribute_faithful.yaml") == dc.replace(
         d, steering=dc.replace(d.steering, rank=64),
         train=dc.replace(d.train, epochs=80, learning_rate=3e-3, basis_learning_rate=3e-4))

@@ -270,7 +270,12 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     run2 = make_run(tmp_path / "b")
     assert "not LDS benchmark results" in error(run2, "--lds", run2 / "ids.json")
     assert "no LDS results file" in error(run2, "--lds", tmp_path / "missing.json")
-    assert "max_queries must be at least 1" in error(run2, "--max-queries", "0")
+    with pytest.raises(SystemExit) as e:     # argparse checks it, with the same one-line contract
+        main(["report", str(run2), "--max-queries", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stride-jax report: error: ") and "\n" not in err
+    assert "--max-queries: 0 must be >= 1" in err
     (run2 / "tokens.json").write_text(json.dumps(
         {"queries": [{"query_id": "query-0", "tokens": ["a", "b"],
                       "examples": [{"id": "x", "effect": [1.0]}]}]}))

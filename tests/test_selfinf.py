@@ -33,6 +33,7 @@ def test_unique_rows_score_above_repeated_rows_and_match_full_measurement():
                                   head_dim=16, intermediate_size=64, num_layers=2), seed=0)
     train = _train_set(n_unique=40, n_copies=24)
     cfg = AttributeConfig(
+        operators="trained",
         design=DesignConfig(num_subsets=32, per_example=4), steering=SteeringConfig(rank=8),
         train=OperatorTrainConfig(epochs=30, subsets_per_step=32, rows_per_subset=4,
                                   stability_rows=8, tokens_per_row=0, learning_rate=3e-2))

@@ -20,6 +20,7 @@ from stride_jax.train import OperatorTrainConfig
 from _tiny import random_rows
 
 CFG = AttributeConfig(
+    operators="trained",
     design=DesignConfig(num_subsets=16, per_example=3),
     steering=SteeringConfig(rank=4),
     train=OperatorTrainConfig(epochs=1, subsets_per_step=16, rows_per_subset=2, stability_rows=2,

@@ -51,6 +51,7 @@ def test_attributor_disk_cache_streams_and_matches_memory(tmp_path):
                                   head_dim=8, intermediate_size=32, num_layers=2), seed=0)
     train, queries = random_rows(50, 10, 64, 0), random_rows(3, 10, 64, 1)
     cfg = AttributeConfig(
+        operators="trained",
         design=DesignConfig(num_subsets=16, per_example=3), steering=SteeringConfig(rank=4),
         train=OperatorTrainConfig(epochs=2, subsets_per_step=8, rows_per_subset=2,
                                   stability_rows=2, tokens_per_row=4),

@@ -54,6 +54,7 @@ def test_token_responses_average_to_query_responses_and_report_shape():
     model = init_model(tiny_llama(vocab_size=64, hidden_size=16, num_heads=2, num_kv_heads=1,
                                   head_dim=8, intermediate_size=32, num_layers=2), seed=0)
     cfg = AttributeConfig(
+        operators="trained",
         design=DesignConfig(num_subsets=16, per_example=3), steering=SteeringConfig(rank=4),
         train=OperatorTrainConfig(epochs=2, subsets_per_step=16, rows_per_subset=2,
                                   stability_rows=2, tokens_per_row=4),

@@ -45,6 +45,7 @@ def attributor_parts():
                                   head_dim=16, intermediate_size=64, num_layers=2), seed=0)
     train, queries = random_rows(48, 12, vocab, 0, "t"), random_rows(7, 12, vocab, 1, "q")
     cfg = AttributeConfig(
+        operators="trained",
         design=DesignConfig(num_subsets=24, per_example=4),
         steering=SteeringConfig(rank=4),
         train=OperatorTrainConfig(epochs=2, subsets_per_step=8, rows_per_subset=4,

@@ -27,6 +27,8 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias), kernel stored (in, out) like Flax and GPT-2's Conv1D."""
 
+    taps_itself = True    # stride_jax.model.taps names these modules (module_names)
+
     def __init__(self, d_in: int, d_out: int, *, use_bias: bool, config: ModelConfig,
                  rngs: nnx.Rngs):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), config.params_dtype))

@@ -125,14 +125,16 @@ def recording(recorder: Recorder) -> Iterator[Recorder]:
 
 def module_names(module: Any, kind: type | None = None) -> dict[int, str]:
     """``id(submodule) -> dotted attribute path`` for every submodule of type ``kind`` (default:
-    stride-jax's ``Dense``) of an ``nnx`` module, e.g. ``layers.0.mlp.down_proj``."""
+    the modules that tap themselves, whose class sets ``taps_itself = True``, as stride-jax's
+    ``Dense``) of an ``nnx`` module, e.g. ``layers.0.mlp.down_proj``."""
     from flax import nnx
 
-    if kind is None:
-        from stride_jax.model._layers import Dense
-        kind = Dense
+    def wanted(m: Any) -> bool:
+        # A class attribute, not an import of the layers: they import this module.
+        return isinstance(m, kind) if kind is not None else getattr(type(m), "taps_itself", False)
+
     return {id(m): ".".join(str(p) for p in path) for path, m in nnx.iter_graph(module)
-            if isinstance(m, kind)}
+            if wanted(m)}
 
 
 def name_modules(module: Any) -> None:

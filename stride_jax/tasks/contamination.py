@@ -24,7 +24,7 @@ import numpy as np
 from stride_jax.attributor import AttributeConfig
 from stride_jax.config import SEED_RANGE, check_ranges, option, to_dict
 from stride_jax.errors import ConfigError
-from stride_jax.methods import MethodsConfig
+from stride_jax.methods.config import MethodsConfig
 from stride_jax.tasks._base import Task
 from stride_jax.tasks.lm import PretrainTaskConfig, _first_queries, _make_task, _pretrain_parts
 
@@ -71,7 +71,7 @@ class ContaminationConfig:
     seed: int = option(0, "seed of the methods' randomness (projections)")
 
     def __post_init__(self) -> None:
-        from stride_jax.methods import METHODS, parse_method
+        from stride_jax.methods.config import METHODS, parse_method
         extra = []
         unknown = []
         for m in self.methods:
