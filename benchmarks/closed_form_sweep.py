@@ -7,8 +7,8 @@ per-query differences to the default:
 1. **The closed-form operators' metric** (:mod:`stride_jax.train._closed_form`): the reader side
    (no whitening, or damped whitening of ``A`` at several dampings, centred features), the
    output side (the site Fisher ``S`` whitened at several dampings, or not at all), the reader
-   layer (~2/3 depth, the final hidden state, both), and the site (``logits`` vs
-   ``final_hidden``). Each variant's scores are computed here from the operator gradients
+   layer (~2/3 depth, the final hidden state, both), the site (``logits`` vs
+   ``final_hidden``), and the training-side norm power (scores divided by ``|g~_i|^p``). Each variant's scores are computed here from the operator gradients
    directly (numpy, float64 metric), independently of the library's code path; the default
    row is also run through ``Attributor`` and both must agree.
 2. **Subsets and regression.** The paper's pipeline measures subset operators and decodes them.
@@ -96,7 +96,7 @@ def _whiten(M: np.ndarray, frac: float | None) -> np.ndarray:
     return v / np.sqrt(e + frac * e.mean())[None, :]
 
 
-def variant_scores(tr: Terms, qr: Terms, *, reader: str, lam_a, lam_s, centre=False,
+def variant_scores(tr: Terms, qr: Terms, *, reader: str, lam_a, lam_s, norm=0.0, centre=False,
                    site="logits", U=None) -> np.ndarray:
     def phi(t: Terms):
         parts = {"layer": [_rms(t.h_reader)], "final": [t.h_final],
@@ -119,7 +119,9 @@ def variant_scores(tr: Terms, qr: Terms, *, reader: str, lam_a, lam_s, centre=Fa
     Ta, Ts = _whiten(A, lam_a), _whiten(S, lam_s)
     g_t = np.einsum("ntd,ntc->ndc", ph_t @ Ta, e_t @ Ts, optimize=True).reshape(len(ph_t), -1)
     g_q = np.einsum("ntd,ntc->ndc", ph_q @ Ta, e_q @ Ts, optimize=True).reshape(len(ph_q), -1)
-    return g_q @ g_t.T
+    sq = np.einsum("nd,nd->n", g_t, g_t)
+    scale = np.where(sq > 0, np.where(sq > 0, sq, 1.0) ** (-0.5 * norm), 0.0) if norm else 1.0
+    return (g_q @ g_t.T) * scale
 
 
 def concentration(s_qn: np.ndarray) -> dict:
@@ -147,11 +149,15 @@ VARIANTS = [
     ("reader: centred features", {"centre": True}),
     ("reader: final hidden state", {"reader": "final"}),
     ("reader: 2/3 depth + final hidden", {"reader": "both"}),
+    ("training-side norm power 0 (plain Newton-step scores)", {"norm": 0.0}),
+    ("training-side norm power 0.25", {"norm": 0.25}),
+    ("training-side norm power 0.75", {"norm": 0.75}),
+    ("training-side norm power 1 (cosine)", {"norm": 1.0}),
     ("output: no whitening (S = I)", {"lam_s": None}),
     ("output: S damping 0.01", {"lam_s": 0.01}),
     ("output: S damping 1", {"lam_s": 1.0}),
     ("site: final_hidden (C = d)", {"site": "final_hidden"}),
-    ("neither side whitened (gradient dot product)", {"lam_a": None, "lam_s": None}),
+    ("neither side whitened (gradient dot product)", {"lam_a": None, "lam_s": None, "norm": 0.0}),
 ]
 
 
@@ -244,7 +250,8 @@ def run_task(name: str, gt_dir: Path, subsets: tuple[float, ...], etas: tuple[fl
                    - lm.head(lm.params, jnp.zeros((1, 1, d)))[0], np.float64)
     cf = cfg.stride.closed_form
     C = lm.vocab_size
-    defaults = {"reader": "layer", "lam_a": reader_damping_of(cf, C), "lam_s": cf.output_damping}
+    defaults = {"reader": "layer", "lam_a": reader_damping_of(cf, C), "lam_s": cf.output_damping,
+                "norm": cf.norm_power}
     rows = []
     ref = None
     for vname, kw in VARIANTS:

@@ -37,9 +37,10 @@ def setup():
     return model, train, queries
 
 
-def _dense_reference(model, rows_t, rows_q, site, lam_a, lam_s):
+def _dense_reference(model, rows_t, rows_q, site, lam_a, lam_s, norm_power=0.0):
     """The closed-form scores computed the slow, explicit way: per-row operator gradients as
-    dense D x C matrices by autodiff of the steered loss, the Kronecker metric formed in full."""
+    dense D x C matrices by autodiff of the steered loss, the Kronecker metric formed in full,
+    each training row's score divided by (g_i^T P g_i)^(norm_power / 2)."""
     lm = from_causal_lm(model, 0)
     C = VOCAB if site == "logits" else lm.d_final
 
@@ -86,19 +87,22 @@ def _dense_reference(model, rows_t, rows_q, site, lam_a, lam_s):
         return v @ np.diag(1 / (e + frac * e.mean())) @ v.T
 
     P = np.kron(damped_inv(A, lam_a), damped_inv(S, lam_s))
-    return Gq.reshape(len(Gq), -1) @ P @ G.reshape(len(G), -1).T
+    Gf = G.reshape(len(G), -1)
+    self_metric = np.einsum("nd,de,ne->n", Gf, P, Gf)
+    return (Gq.reshape(len(Gq), -1) @ P @ Gf.T) * self_metric[None, :] ** (-norm_power / 2)
 
 
-@pytest.mark.parametrize("site,lam_a", [("logits", None), ("logits", 0.3),
-                                        ("final_hidden", None)])
-def test_scores_equal_the_dense_kronecker_formula(setup, site, lam_a):
+@pytest.mark.parametrize("site,lam_a,norm_power", [
+    ("logits", None, 0.0), ("logits", 0.3, 0.0), ("final_hidden", None, 0.0),
+    ("logits", None, 0.5), ("logits", 0.3, 1.0), ("final_hidden", None, 0.5)])
+def test_scores_equal_the_dense_kronecker_formula(setup, site, lam_a, norm_power):
     model, train, queries = setup
     cfg = AttributeConfig(steering=SteeringConfig(site=site, layer=0),
                           closed_form=ClosedFormConfig(
                               reader_damping="none" if lam_a is None else lam_a,
-                              output_damping=0.2, batch_size=16))
+                              output_damping=0.2, norm_power=norm_power, batch_size=16))
     got = Attributor(model, train, cfg, progress=False).attribute(queries).scores_qn
-    ref = _dense_reference(model, train, queries, site, lam_a, 0.2)
+    ref = _dense_reference(model, train, queries, site, lam_a, 0.2, norm_power)
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
 
 
@@ -115,9 +119,11 @@ def test_a_query_copying_a_training_row_ranks_it_first_with_a_positive_score(set
     out = Attributor(model, train, AttributeConfig(), progress=False).attribute(queries)
     pro, _ = out.top(2, 3)
     assert pro[0][0] == 7 and pro[0][1] > 0
-    # Self-influence is the same quantity: row 7's own score is |g~_7|^2.
+    # Self-influence is the same quantity before the training-side norm power: |g~_7|^2, and
+    # row 7's own score |g~_7|^2 / |g~_7|^p.
     si = Attributor(model, train, AttributeConfig(), progress=False).self_influence()
-    np.testing.assert_allclose(si[7], out.scores_qn[2, 7], rtol=1e-5)
+    p = ClosedFormConfig().norm_power
+    np.testing.assert_allclose(si[7] ** (1 - p / 2), out.scores_qn[2, 7], rtol=1e-5)
 
 
 def test_scores_are_first_order_loss_changes(setup):
