@@ -53,7 +53,7 @@ whitened operator gradients. Measured (``benchmarks/results/closed_form_sweep.js
 row's whitened gradient norm, ``s_qi = <g~_q, g~_i> / |g~_i|^p`` with ``p = norm_power``
 (default 0.5). The gradient is taken at the end of training: a row the model fits well has a
 small one there although it pulled the weights all along, and a row it fits badly a large one.
-On the digits classifier, where most rows are fitted (median norm 0.6 % of the mean), ``p =
+On the digits classifier, where most rows are fitted (median norm 0.6 % of the RMS), ``p =
 0.5`` raised LDS from 0.52 to 0.63; on the language models, whose norms spread little, it
 changed LDS by less than 0.005 (``closed_form_sweep.json``). ``p = 1`` (cosine) lets the
 direction of nearly-zero gradients decide and falls back to 0.51 on digits.
