@@ -271,6 +271,15 @@ def cross_validate_ridge(
 # so 48 steps leave ~1e-10 of its log-width, far below anything that changes the scores.
 _REFINE_STEPS = 48
 
+# The CV error is evaluated in blocks of this many queries, aligned to the query's index, whatever
+# the query chunk. Near the minimum the two golden-section probes differ by less than float
+# rounding, so each comparison follows the rounding of the BLAS kernel, and that depends on the
+# shape of the product: chunk-sized blocks made alpha differ in its 7th digit between
+# query_chunk=4 and 6. With fixed blocks every query's error is computed by the same product
+# whatever the chunking, so alpha and the scores are bitwise chunk-invariant (64 columns are as
+# fast as 256 at K = 1000).
+_ERROR_BLOCK = 64
+
 
 class _RidgeFolds:
     """The CV folds of one design and one response matrix, prepared once: per fold the
@@ -298,12 +307,15 @@ class _RidgeFolds:
             self.folds.append((e, cross @ v, z, resid0, train.size / K))
 
     def error(self, alpha_q: np.ndarray, query_chunk: int) -> np.ndarray:
-        """[Q] mean held-out squared error with query q's ridge at ``alpha_q[q]``."""
+        """[Q] mean held-out squared error with query q's ridge at ``alpha_q[q]``, computed in
+        fixed blocks of ``_ERROR_BLOCK`` queries (``query_chunk`` does not change the result or
+        the memory, which is a few [H or T, block] arrays)."""
+        del query_chunk
         Q = alpha_q.shape[0]
         sq_err = np.zeros(Q)
         for e, cross_v, z, resid0, frac in self.folds:
-            for start in range(0, Q, query_chunk):
-                stop = min(start + query_chunk, Q)
+            for start in range(0, Q, _ERROR_BLOCK):
+                stop = min(start + _ERROR_BLOCK, Q)
                 f = 1.0 / (e[:, None] + frac * alpha_q[None, start:stop])  # [T, q]
                 pred = cross_v @ (z[:, start:stop] * f)  # [H, q]
                 sq_err[start:stop] += np.sum((resid0[:, start:stop] - pred) ** 2, axis=0)
