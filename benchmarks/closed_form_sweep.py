@@ -99,7 +99,7 @@ def _whiten(M: np.ndarray, frac: float | None) -> np.ndarray:
 def variant_scores(tr: Terms, qr: Terms, *, reader: str, lam_a, lam_s, norm=0.0, centre=False,
                    site="logits", U=None) -> np.ndarray:
     def phi(t: Terms):
-        parts = {"layer": [_rms(t.h_reader)], "final": [t.h_final],
+        parts = {"layer": [_rms(t.h_reader)], "final": [_rms(t.h_final)],
                  "both": [_rms(t.h_reader), t.h_final]}[reader]
         return np.concatenate(parts, -1)
 
@@ -147,6 +147,7 @@ VARIANTS = [
     ("reader: whitened A, damping 10", {"lam_a": 10.0}),
     ("reader: identity", {"lam_a": None}),
     ("reader: centred features", {"centre": True}),
+    ("reader: ~2/3 depth", {"reader": "layer"}),
     ("reader: final hidden state", {"reader": "final"}),
     ("reader: 2/3 depth + final hidden", {"reader": "both"}),
     ("training-side norm power 0 (plain Newton-step scores)", {"norm": 0.0}),
@@ -225,7 +226,6 @@ def subset_rows(task, gt, s_lin, tr: Terms, qr: Terms, lm, lam_a, lam_s, seed: i
 
 
 def run_task(name: str, gt_dir: Path, subsets: tuple[float, ...], etas: tuple[float, ...]) -> dict:
-    import jax
     import jax.numpy as jnp
 
     from stride_jax.attributor import Attributor
@@ -233,7 +233,7 @@ def run_task(name: str, gt_dir: Path, subsets: tuple[float, ...], etas: tuple[fl
     from stride_jax.eval.groundtruth import run_groundtruth
     from stride_jax.eval.metrics import lds
     from stride_jax.eval.suite import TaskConfig, build_task, task_lm
-    from stride_jax.train._closed_form import reader_damping_of
+    from stride_jax.train._closed_form import reader_damping_of, reader_of
 
     cfg = load_config(TaskConfig, ROOT / "configs" / f"task_{name}.yaml")
     t0 = time.perf_counter()
@@ -250,7 +250,8 @@ def run_task(name: str, gt_dir: Path, subsets: tuple[float, ...], etas: tuple[fl
                    - lm.head(lm.params, jnp.zeros((1, 1, d)))[0], np.float64)
     cf = cfg.stride.closed_form
     C = lm.vocab_size
-    defaults = {"reader": "layer", "lam_a": reader_damping_of(cf, C), "lam_s": cf.output_damping,
+    defaults = {"reader": reader_of(cf, C), "lam_a": reader_damping_of(cf, C),
+                "lam_s": cf.output_damping,
                 "norm": cf.norm_power}
     rows = []
     ref = None

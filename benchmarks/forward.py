@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -131,7 +130,10 @@ def bench_jax(model, ids_np: np.ndarray, *, warmup: int, repeat: int, train_step
     out["train"] = dict(compile_s=compile_s, first_call_s=first_s, **stats,
                         tokens_per_s=n_tok / stats["median_s"],
                         losses=[float(x) for x in losses])
-    del carry, params, opt_state
+    # Free the trained copy before the next framework runs (the closure keeps `carry` alive, so
+    # empty it rather than `del` a name the closure reads).
+    carry.clear()
+    del params, opt_state
     return out, logits
 
 
@@ -182,7 +184,9 @@ def bench_torch(hf_dir: Path, ids_np: np.ndarray, *, warmup: int, repeat: int,
     out["train"] = dict(compile_s=None, first_call_s=first_s, **stats,
                         tokens_per_s=n_tok / stats["median_s"],
                         losses=losses)
-    del model, opt
+    # Free the model's gradients and optimiser state (the closures read `model` and `opt`).
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()
     return out, logits
 
 

@@ -33,7 +33,7 @@ from stride_jax.data import TokenizedSet  # noqa: E402
 from stride_jax.measure import measure_responses  # noqa: E402
 from stride_jax.model import ModelConfig, init_model  # noqa: E402
 from stride_jax.solve import solve  # noqa: E402
-from stride_jax.steering import SteeringConfig, from_causal_lm, resolve_layer  # noqa: E402
+from stride_jax.steering import from_causal_lm, resolve_layer  # noqa: E402
 from stride_jax.subsets import default_num_subsets, expander_design  # noqa: E402
 from stride_jax.train import build_cache, train_operators  # noqa: E402
 

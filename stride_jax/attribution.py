@@ -13,10 +13,15 @@ file                contents
                     ``scores=topk`` runs, instead of ``scores.npy``)
 ``ids.json``        ``{"queries": [Q ids], "train": [n ids]}``
 ``per_query.npz``   ``y [Q, K]`` responses, ``base_loss [Q]``, ``estimator [Q]``, and for
-                    regression-decoded runs ``lambda [Q]`` and ``intercept [Q]``
+                    regression-decoded runs ``lambda [Q]``, ``intercept [Q]`` and ``cv_r2 [Q]``
+                    (the held-out fraction of the responses' variance the chosen fit explains,
+                    from its subset cross-validation; absent when no cross-validation ran)
 ``topk.jsonl``      one line per query: its top proponents and opponents with ids, scores, texts
 ``tokens.json``     per-token attribution of the first queries (:mod:`stride_jax.apps.tokens`)
 ``selfinf.json``    ``{"ids": [n], "score": [n]}``: self-influence of every training row
+``run_info.json``   what made the run (:func:`write_run_info`): the model's identity (path,
+                    parameter count, fingerprint, reader layer), the method and operators, each
+                    stage's wall time, and the operator-training loss curve (trained operators)
 ==================  ==============================================================================
 
 ``estimator`` names what produced each query's scores: ``closed_form`` (closed-form operators,
@@ -63,6 +68,10 @@ PER_QUERY = "per_query.npz"
 TOPK = "topk.jsonl"
 TOKENS = "tokens.json"
 SELFINF = "selfinf.json"
+RUN_INFO = "run_info.json"
+# A query whose regression explains less than this fraction of its responses' held-out variance
+# is flagged "weak signal" (report, topk.jsonl): its scores are mostly the solver's prior.
+WEAK_SIGNAL_R2 = 0.05
 REPORT = "report.html"           # stride_jax.apps.report
 SELECTED = "selected.jsonl"      # stride_jax.apps.select
 CONFIG = "attribute.yaml"        # the Attributor's config
@@ -75,7 +84,7 @@ METHOD_STAGES = ("factors", "methods")
 # except the stage directories that check their own stamps (SELF_STAMPED, which replace
 # themselves when their arguments differ).
 RUN_ARTIFACTS = (SCORES, SCORES_TOPK, TOPK, IDS, PER_QUERY, TOKENS, SELFINF, REPORT, SELECTED,
-                 CONFIG) + STAGES + METHOD_STAGES
+                 CONFIG, RUN_INFO) + STAGES + METHOD_STAGES
 SELF_STAMPED = ("design", "operators", "tokens") + METHOD_STAGES
 
 CLOSED_FORM = "closed_form"      # the estimator of closed-form operators (per_query.npz)
@@ -174,6 +183,8 @@ class Attribution(NamedTuple):
     top_scores: TopScores | None = None
     estimator_q: np.ndarray | None = None    # str [Q]: 'closed_form', 'lasso', 'ridge' or a
                                              # method of stride_jax.methods ('ekfac', ...)
+    cv_r2_q: np.ndarray | None = None        # [Q] held-out R^2 of the chosen fit (None: no
+                                             # regression or no cross-validation)
 
     @property
     def num_queries(self) -> int:
@@ -216,7 +227,8 @@ class Attribution(NamedTuple):
             [self.top_scores.pro_score, self.top_scores.opp_score], axis=1)
         per_query = {name: np.asarray(a) for name, a in (
             ("y", self.y_qk), ("base_loss", self.base_loss_q), ("lambda", self.lam_q),
-            ("intercept", self.intercept_q), ("estimator", self.estimator_q)) if a is not None}
+            ("intercept", self.intercept_q), ("estimator", self.estimator_q),
+            ("cv_r2", self.cv_r2_q)) if a is not None}
         for name, values in (("scores", scores), *per_query.items()):
             _refuse_nonfinite(out, name, values, qids)
         lines = []
@@ -236,6 +248,9 @@ class Attribution(NamedTuple):
                 rec["estimator"] = str(self.estimator_q[q])
             if self.lam_q is not None:
                 rec["lambda"] = float(self.lam_q[q])
+            if self.cv_r2_q is not None:
+                rec["cv_r2"] = float(self.cv_r2_q[q])
+                rec["weak_signal"] = bool(self.cv_r2_q[q] < WEAK_SIGNAL_R2)
             rec["proponents"] = [entry(i, s) for i, s in pro]
             rec["opponents"] = [entry(i, s) for i, s in opp]
             if query_texts is not None:
@@ -324,7 +339,7 @@ class Attribution(NamedTuple):
                                 f"the attribution")
         return cls(scores, query_ids, train_ids, per_query.get("y"), per_query.get("base_loss"),
                    per_query.get("lambda"), per_query.get("intercept"), top,
-                   per_query.get("estimator"))
+                   per_query.get("estimator"), per_query.get("cv_r2"))
 
 
 def _refuse_nonfinite_scores(path: Path, scores: np.ndarray) -> None:
@@ -404,6 +419,30 @@ def topk_texts(run_dir: str | Path) -> dict[str, str]:
             if isinstance(e, dict) and "text" in e and "id" in e:
                 texts.setdefault(str(e["id"]), str(e["text"]))
     return texts
+
+
+def write_run_info(out_dir: str | Path, info: dict) -> Path:
+    """``run_info.json``: what made the run (:meth:`stride_jax.attributor.Attributor.run_info`:
+    ``model``, ``method``, ``operators``, ``stage_seconds``, ``history``)."""
+    path = Path(out_dir) / RUN_INFO
+    write_json(path, info, indent=1)
+    return path
+
+
+def read_run_info(run_dir: str | Path) -> dict | None:
+    """``run_info.json`` of a run directory, or None when there is none. A damaged file raises
+    :class:`DataError` naming it."""
+    path = Path(run_dir) / RUN_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({type(e).__name__}); delete it (the report "
+                        f"then omits the model and stage times) or rerun the attribution") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path} must hold a JSON object; delete it or rerun the attribution")
+    return info
 
 
 def write_tokens(out_dir: str | Path, payload: dict) -> Path:

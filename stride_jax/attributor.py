@@ -41,8 +41,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
@@ -70,7 +72,7 @@ from stride_jax.steering import (LMFunctions, SteeringConfig, check_shapes, from
 from stride_jax.subsets import Design, bernoulli_design, default_num_subsets, expander_design
 from stride_jax.train import (ClosedFormConfig, OperatorFactors, OperatorTrainConfig, build_cache,
                               check_rows_fit, closed_form_scores, fit_factors, operator_gradients,
-                              query_terms, self_scores, token_scores,
+                              query_terms, reader_lm, self_scores, token_scores,
                               train_operators)
 
 log = logging.getLogger(__name__)
@@ -428,6 +430,9 @@ class Attributor:
         self._ops: Operators | None = None
         self._selfinf: dict[int | None, np.ndarray] = {}
         self.history: list[dict] = []
+        # Wall seconds of each stage of the last attribute() / write() (a reused stage: the
+        # time to load it), for run_info.json and the report.
+        self.stage_seconds: dict[str, float] = {}
         if self.workdir is not None:
             self.workdir.mkdir(parents=True, exist_ok=True)
             dump_config(config, self.workdir / "attribute.yaml")
@@ -455,6 +460,17 @@ class Attributor:
                     train_rows=self._train_fingerprint, steering=to_dict(c.steering),
                     train=to_dict(c.train), cache_dtype=c.cache.dtype)
         return base
+
+    @functools.cached_property
+    def _cf_lm(self) -> LMFunctions:
+        """The model as the closed form reads it (``closed_form.reader``)."""
+        lm = reader_lm(self.lm, self.config.closed_form, self.config.steering.site)
+        if lm is not self.lm and self.config.steering.layer is not None:
+            log.warning("steering.layer=%s has no effect: closed_form.reader=%s reads the final "
+                        "hidden state; set closed_form.reader=layer to read layer %s",
+                        self.config.steering.layer, self.config.closed_form.reader,
+                        self.config.steering.layer)
+        return lm
 
     @functools.cached_property
     def _train_fingerprint(self) -> str:
@@ -519,6 +535,9 @@ class Attributor:
         if directory is not None and open_stage(directory, "operators", payload,
                                                 overwrite=self.overwrite):
             self._ops = Operators.load(directory / "operators.npz")
+            if (directory / "history.json").is_file():
+                with contextlib.suppress(ValueError, OSError):
+                    self.history = json.loads((directory / "history.json").read_text())
             return self._ops
         on_disk = self._cache_on_disk()
         # Every process caches the rows itself (per-host data loading), in its own directory.
@@ -557,7 +576,7 @@ class Attributor:
             log.info("reusing operators (closed form) in %s", directory)
             self._ops = OperatorFactors.load(directory / "factors.npz")
             return self._ops
-        self._ops = fit_factors(self.lm, self.train, self.config.steering.site,
+        self._ops = fit_factors(self._cf_lm, self.train, self.config.steering.site,
                                 self.config.closed_form, key=jax.random.fold_in(self.root, 1),
                                 mesh=self.mesh, progress=self.progress,
                                 resume_path=None if directory is None
@@ -589,7 +608,7 @@ class Attributor:
             raise DataError(f"query {bad!r} has no scored token (empty completion?); give it a "
                             f"non-empty text/completion")
         cf = self.config.closed_form
-        g, base = query_terms(self.lm, queries, factors, cf, mesh=self.mesh)
+        g, base = query_terms(self._cf_lm, queries, factors, cf, mesh=self.mesh)
         bad = ~np.isfinite(g)
         if bad.any():
             q = int(np.nonzero(bad)[0][0])
@@ -626,10 +645,10 @@ class Attributor:
             resume = None if directory is None else directory / "partial.npz"
             cf = self.config.closed_form
             if dense:
-                w = closed_form_scores(self.lm, self.train, factors, g, cf, mesh=self.mesh,
+                w = closed_form_scores(self._cf_lm, self.train, factors, g, cf, mesh=self.mesh,
                                        progress=self.progress, resume_path=resume)["s"]
             else:
-                acc = closed_form_scores(self.lm, self.train, factors, g, cf, mesh=self.mesh,
+                acc = closed_form_scores(self._cf_lm, self.train, factors, g, cf, mesh=self.mesh,
                                          progress=self.progress, resume_path=resume, topk=k)
                 top = TopScores(**acc)
             bad = ~np.isfinite(w if dense else np.concatenate([top.pro_score, top.opp_score]))
@@ -727,8 +746,12 @@ class Attributor:
             # A stage finished before the estimators were stored has none to report.
             est = (np.load(directory / "estimator.npy", allow_pickle=False)
                    if (directory / "estimator.npy").is_file() else None)
+            r2 = (np.load(directory / "cv_r2.npy", allow_pickle=False)
+                  if (directory / "cv_r2.npy").is_file() else None)
         else:
-            w, top, lam, b, est = self._solve_queries(design, y, dense)
+            w, top, lam, b, est, r2 = self._solve_queries(design, y, dense)
+            # No cross-validation ran (a fixed or support-chosen penalty): no R^2 to report.
+            r2 = r2 if np.isfinite(r2).all() else None
             if directory is not None:
                 if dense:
                     save_npy(directory / "scores.npy", w)
@@ -737,10 +760,12 @@ class Attributor:
                 save_npy(directory / "lambda.npy", lam)
                 save_npy(directory / "intercept.npy", b)
                 save_npy(directory / "estimator.npy", est)
+                if r2 is not None:
+                    save_npy(directory / "cv_r2.npy", r2)
                 complete_stage(directory, "solve", payload)
         qids = list(query_ids) if query_ids is not None else [str(i) for i in range(Q)]
         return Attribution(w, qids, list(self.train.ids), np.asarray(responses.y_qk),
-                           np.asarray(responses.base_loss_q), lam, b, top, est)
+                           np.asarray(responses.base_loss_q), lam, b, top, est, r2)
 
     def _solve_queries(self, design: Design, y: np.ndarray, dense: bool):
         """This process's share of the queries, solved in blocks, gathered from all processes."""
@@ -751,7 +776,7 @@ class Attributor:
         # Dense scores are solved in one call; top-k scores block by block, so only one block's
         # [query_chunk, n] matrix exists at a time.
         block = max(stop - start, 1) if dense else cfg.query_chunk
-        ws, tops, lams, bs, ridge = [], [], [], [], []
+        ws, tops, lams, bs, ridge, r2s = [], [], [], [], [], []
         with query_sharding(self.query_mesh):
             for lo in range(start, stop, block):
                 hi = min(lo + block, stop)
@@ -764,26 +789,28 @@ class Attributor:
                 lams.append(np.asarray(out.lam_q, np.float64))
                 bs.append(np.asarray(out.intercept_q, np.float64))
                 ridge.append((out.info["estimator_q"] == "ridge").astype(np.float64))
+                r2s.append(_cv_r2(out.info, y[lo:hi]))
         n, k = design.num_examples, self.config.topk
         # The process with fewer queries pads its share, so every gather has one shape.
         lam = _pad_rows(np.concatenate(lams or [np.zeros(0)]), per)
         b = _pad_rows(np.concatenate(bs or [np.zeros(0)]), per)
         # Gathered as numbers (process_allgather takes no strings), named after.
         r = _pad_rows(np.concatenate(ridge or [np.zeros(0)]), per)
+        r2 = _pad_rows(np.concatenate(r2s or [np.zeros(0)]), per)
 
         def names(r_q):
             return np.where(np.asarray(r_q) > 0.5, "ridge", "lasso")
 
         if dense:
             w = _pad_rows(np.concatenate(ws) if ws else np.zeros((0, n), np.float32), per)
-            w, lam, b, r = _gather_queries((w, lam, b, r), Q)
-            return w, None, lam, b, names(r)
+            w, lam, b, r, r2 = _gather_queries((w, lam, b, r, r2), Q)
+            return w, None, lam, b, names(r), r2
         empty = TopScores(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
                           np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
         top = TopScores.concat(tops) if tops else empty
         top = TopScores(*(_pad_rows(a, per, -1 if a.dtype == np.int64 else 0) for a in top))
-        *parts, lam, b, r = _gather_queries((*top, lam, b, r), Q)
-        return None, TopScores(*parts), lam, b, names(r)
+        *parts, lam, b, r, r2 = _gather_queries((*top, lam, b, r, r2), Q)
+        return None, TopScores(*parts), lam, b, names(r), r2
 
     def self_influence(self, num_outside: int | None = None) -> np.ndarray:
         """Memorisation score of every training example, ``[n]`` (stage ``selfinf``; see
@@ -804,7 +831,7 @@ class Attributor:
                                                     overwrite=self.overwrite):
                 self._selfinf[num_outside] = np.load(directory / "score.npy", allow_pickle=False)
                 return self._selfinf[num_outside]
-            score = self_scores(self.lm, self.train, ops, self.config.closed_form,
+            score = self_scores(self._cf_lm, self.train, ops, self.config.closed_form,
                                 mesh=self.mesh, progress=self.progress)
             if directory is not None:
                 save_npy(directory / "score.npy", score)
@@ -864,9 +891,9 @@ class Attributor:
         for q, qid in enumerate(queries.ids):
             one = queries.subset([q])
             idx = [i for i, _ in listed[q]]
-            g_i = (operator_gradients(self.lm, self.train.subset(idx), factors, cf)
+            g_i = (operator_gradients(self._cf_lm, self.train.subset(idx), factors, cf)
                    if idx else np.zeros((0, factors.dim), np.float32))
-            eff = token_scores(self.lm, one, factors, g_i, cf)[0]   # [T, m]
+            eff = token_scores(self._cf_lm, one, factors, g_i, cf)[0]   # [T, m]
             tpos = np.flatnonzero(one.loss_mask[0] > 0)
             out.append({
                 "query_id": str(qid),
@@ -879,12 +906,47 @@ class Attributor:
                                           "term of the score (they sum to the score)"}
 
     def attribute(self, queries: TokenizedSet) -> Attribution:
-        """All stages: operators, measurement, recovery."""
-        return self.solve(self.measure(queries), queries.ids)
+        """All stages: operators, measurement, recovery (their wall times in
+        :attr:`stage_seconds`)."""
+        with self._timed("operators"):
+            self.fit_operators()
+        with self._timed("responses"):
+            responses = self.measure(queries)
+        with self._timed("solve"):
+            return self.solve(responses, queries.ids)
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = time.perf_counter() - t0
+
+    def run_info(self, model_path: str | Path | None = None) -> dict:
+        """What made this run, for ``run_info.json`` and the report: the model's identity (its
+        path when given, parameter count, fingerprint, reader layer and sizes), the method and
+        operators, each stage's wall seconds and the operator-training loss curve (trained
+        operators; empty for closed form, which trains nothing)."""
+        lm = self._cf_lm if self.closed_form else self.lm
+        params = int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.lm.params)))
+        model = {"path": None if model_path is None else str(model_path),
+                 "parameters": params, "fingerprint": self.lm.fingerprint,
+                 "num_layers": self.lm.num_layers, "vocab_size": self.lm.vocab_size}
+        if self.closed_form:
+            model["reader"] = ("final hidden state" if lm is not self.lm
+                               else f"layer {self.lm.layer}")
+        else:
+            model["reader"] = f"layer {self.lm.layer}"
+        return {"method": "stride", "operators": self.config.operators,
+                "site": self.config.steering.site, "model": model,
+                "training_rows": len(self.train),
+                "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+                "history": list(self.history)}
 
     def write(self, result: Attribution, queries: TokenizedSet, out_dir: str | Path | None = None,
               *, tokenizer=None, self_influence: bool = False, report: bool = False,
-              title: str | None = None) -> Path:
+              title: str | None = None, model_path: str | Path | None = None) -> Path:
         """Write everything ``stride-jax attribute`` writes for ``result`` into ``out_dir``
         (default: the workdir), in one call (files: :mod:`stride_jax.attribution`):
 
@@ -893,11 +955,12 @@ class Attributor:
         * ``tokens.json``: the per-token attribution of the first ``config.token_queries``
           queries (tokens shown as ids without a tokenizer);
         * ``selfinf.json`` with ``self_influence=True`` (the ``selfinf`` stage);
+        * ``run_info.json``: :meth:`run_info` (``model_path``: the model's path, when it has one);
         * ``report.html`` with ``report=True`` (:mod:`stride_jax.apps.report`, ``title``).
 
         ``queries`` are the rows ``result`` was computed for. Returns the directory.
         """
-        from stride_jax.attribution import write_selfinf, write_tokens
+        from stride_jax.attribution import write_run_info, write_selfinf, write_tokens
         if out_dir is None and self.workdir is None:
             raise ConfigError("Attributor.write needs out_dir (this Attributor has no workdir)")
         out = Path(out_dir) if out_dir is not None else self.workdir
@@ -917,13 +980,33 @@ class Attributor:
                      "not %s", self.measurement.stamp())
         elif self.config.token_queries > 0:
             few = queries.subset(range(min(self.config.token_queries, len(queries))))
-            write_tokens(out, self.token_attribution(few, result, decode))
+            with self._timed("tokens"):
+                payload = self.token_attribution(few, result, decode)
+            write_tokens(out, payload)
         if self_influence:
-            write_selfinf(out, self.train.ids, self.self_influence())
+            with self._timed("selfinf"):
+                score = self.self_influence()
+            write_selfinf(out, self.train.ids, score)
+        write_run_info(out, self.run_info(model_path))
         if report:
             from stride_jax.apps.report import write_report
             write_report(out, title=title)
         return out
+
+
+def _cv_r2(info: dict, y: np.ndarray) -> np.ndarray:
+    """``[q]`` held-out R^2 of each query's chosen fit: ``1 - cv_error / var(y_q)`` with the
+    chosen estimator's cross-validation error (mean squared held-out error per subset); NaN
+    where no cross-validation ran (``solve.lam_rule`` other than ``cv``)."""
+    err = np.full(y.shape[0], np.nan)
+    est = np.asarray(info.get("estimator_q", []))
+    for name in ("lasso", "ridge"):
+        e = info.get(f"cv_error_{name}_q")
+        if e is not None and est.size:
+            err = np.where(est == name, np.asarray(e, np.float64), err)
+    var = np.var(np.asarray(y, np.float64), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(var > 0, 1.0 - err / var, np.nan)
 
 
 def _token_ids_text(ids: Sequence[int]) -> str:

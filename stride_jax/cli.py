@@ -144,13 +144,14 @@ def cmd_demo(args) -> int:
         model, corpus = result.model, result.corpus
     queries = corpus.heldout.subset(range(min(args.queries, len(corpus.heldout))))
     print(f"2/2 attributing {len(queries)} held-out queries to {len(corpus.train)} training rows "
-          f"(site={att_cfg.steering.site}, rank={att_cfg.steering.rank})")
+          f"(site={att_cfg.steering.site}, operators={att_cfg.operators})")
     t1 = time.perf_counter()
     _open_run(args.out / "attribution", att_cfg, overwrite=args.overwrite,
               inputs={"demo": {"recipe": to_dict(cfg), "queries": len(queries)}})
     result, train_texts, query_texts = _attribute_and_write(
         model, corpus.tokenizer, corpus.train, queries, att_cfg, args.out / "attribution",
-        overwrite=args.overwrite, progress=not args.quiet, report=True, title="stride-jax demo")
+        overwrite=args.overwrite, progress=not args.quiet, report=True, title="stride-jax demo",
+        model_path=model_dir)
     print_attribution(result, train_texts, query_texts)
     page = args.out / "attribution" / "report.html"
     print(f"\nattribution took {time.perf_counter() - t1:.0f} s; scores and topk.jsonl are in "
@@ -193,7 +194,8 @@ def _open_run(out: Path, cfg, *, overwrite: bool, inputs: dict) -> None:
 
 def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Path, *,
                          overwrite: bool, progress: bool, self_influence: bool = False,
-                         report: bool = False, title: str | None = None):
+                         report: bool = False, title: str | None = None,
+                         model_path: Path | None = None):
     import numpy as np
 
     from stride_jax.attributor import Attributor
@@ -202,7 +204,7 @@ def _attribute_and_write(model, tokenizer, train_rows, query_rows, cfg, out: Pat
     att = Attributor(model, train_rows, cfg, workdir=out, overwrite=overwrite, progress=progress)
     result = att.attribute(query_rows)
     att.write(result, query_rows, out, tokenizer=tokenizer, self_influence=self_influence,
-              report=report, title=title)
+              report=report, title=title, model_path=model_path)
     train_texts, query_texts = row_texts(train_rows, tokenizer), row_texts(query_rows, tokenizer)
     if self_influence:
         score = att.self_influence()   # computed by write, kept in memory
@@ -371,7 +373,8 @@ def cmd_attribute(args) -> int:
     cfg = _plan_memory(cfg, model, train_rows, query_rows, args.memory_budget)
     result, train_texts, query_texts = _attribute_and_write(
         model, tokenizer, train_rows, query_rows, cfg, args.out, overwrite=args.overwrite,
-        progress=not args.quiet, self_influence=args.self_influence)
+        progress=not args.quiet, self_influence=args.self_influence,
+        model_path=args.model.resolve())
     print_attribution(result, train_texts, query_texts)
     print(f"\nscores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written to {args.out}")
     return 0
@@ -393,6 +396,7 @@ def _attribute_method(cfg, spec, model, tokenizer, train_rows, query_rows, args)
     from stride_jax import methods
     from stride_jax.attributor import check_run
     from stride_jax.errors import DataError
+    from stride_jax.attribution import write_run_info
     from stride_jax.io.outdir import complete_output_dir
     from stride_jax.tokenizer import row_texts
     if "stride" in spec.methods:
@@ -404,15 +408,33 @@ def _attribute_method(cfg, spec, model, tokenizer, train_rows, query_rows, args)
                                seq_len=train_rows.seq_len, budget=args.memory_budget)
     print(f"estimated peak memory of {spec.text} (stride_jax.methods.plan_memory):")
     print(plan.format())
+    t0 = time.perf_counter()
     result = methods.attribute(model, train_rows, query_rows, plan.config, workdir=args.out,
                                overwrite=args.overwrite, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
     train_texts, query_texts = row_texts(train_rows, tokenizer), row_texts(query_rows, tokenizer)
     result.write(args.out, train_texts=train_texts, query_texts=query_texts, k=cfg.topk)
+    write_run_info(args.out, {"method": spec.text, "model": _model_identity(model, args.model),
+                              "training_rows": len(train_rows),
+                              "stage_seconds": {"attribute": round(seconds, 3)}, "history": []})
     complete_output_dir(args.out)
     print_attribution(result, train_texts, query_texts)
     print(f"\n{spec.text} scores ({len(query_rows)} x {len(train_rows)}) and topk.jsonl written "
           f"to {args.out}")
     return 0
+
+
+def _model_identity(model, path: Path) -> dict:
+    """A stride-jax CausalLM's identity for ``run_info.json``: path, parameters, fingerprint."""
+    import jax
+    from flax import nnx
+
+    from stride_jax.steering import params_fingerprint
+    params = nnx.state(model, nnx.Param)
+    return {"path": str(Path(path).resolve()),
+            "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+            "fingerprint": params_fingerprint(params), "num_layers": model.config.num_layers,
+            "vocab_size": model.config.vocab_size}
 
 
 def _write_ids(path: Path, task) -> None:

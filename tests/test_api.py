@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -328,17 +329,30 @@ def test_attributor_write_writes_everything_the_cli_writes(nnx_lm, run):
     assert back.query_ids == ["qa", "qb", "qc"] and back.train_ids == list(train.ids)
     tokens = json.loads((work / "tokens.json").read_text())
     assert [q["query_id"] for q in tokens["queries"]] == ["qa", "qb"]      # token_queries=2
+    info = json.loads((work / "run_info.json").read_text())
+    assert info["operators"] == "trained" and info["method"] == "stride"
+    assert set(info["stage_seconds"]) == {"operators", "responses", "solve", "tokens", "selfinf"}
+    assert all(v >= 0 for v in info["stage_seconds"].values())
+    n_params = sum(x.size for x in jax.tree.leaves(att.lm.params))
+    assert info["model"]["parameters"] == n_params
+    assert info["model"]["fingerprint"] == att.lm.fingerprint and info["model"]["path"] is None
+    assert info["history"] == att.history and len(info["history"]) > 0    # the loss curve
+    page = (work / "report.html").read_text(encoding="utf-8")
+    assert "Operator-training loss" in page and f"{n_params:,}" in page
     assert len(json.loads((work / "selfinf.json").read_text())["score"]) == len(train)
 
 
 def test_a_custom_measurement_is_stamped_and_reuses_the_operators(nnx_lm, run, tmp_path):
     from stride_jax import Attributor, sum_logprob_change
     _, lm, train, queries = nnx_lm
-    work, _, mean = run
+    work, first, mean = run
+    saved = (work / "operators" / "operators.npz").stat().st_mtime_ns
     att = Attributor(lm, train, _fast(), workdir=work, progress=False,
                      measurement=sum_logprob_change)
     total = att.attribute(queries)
-    assert att.history == []                                  # operators were reused
+    # The operators were reused (not rewritten), their loss curve read back with them.
+    assert (work / "operators" / "operators.npz").stat().st_mtime_ns == saved
+    assert att.history == first.history and att.history
     np.testing.assert_allclose(total.y_qk, mean.y_qk * queries.loss_mask.sum(1)[:, None],
                                rtol=2e-5, atol=1e-7)
     stamps = [json.loads(p.read_text())["payload"] for p in (work / "responses").glob("*/stamp.json")]
@@ -384,6 +398,35 @@ def test_a_closed_form_run_writes_and_reloads_without_a_penalty(nnx_lm, tmp_path
         rec = json.loads(line)
         assert rec["estimator"] == "closed_form" and "lambda" not in rec
     assert (tmp_path / "tokens.json").is_file() and (tmp_path / "selfinf.json").is_file()
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["operators"] == "closed_form" and info["history"] == []
+    assert {"operators", "responses", "solve"} <= set(info["stage_seconds"])
+    assert info["model"]["reader"] in ("final hidden state", f"layer {lm.layer}")
+
+
+def test_held_out_r2_flags_weak_queries_and_survives_the_run_directory(tmp_path):
+    """Per query, the chosen fit's held-out R^2 = 1 - CV error / var(y_q): written to
+    per_query.npz (absent where no CV ran) and topk.jsonl (with a weak-signal flag below 0.05),
+    read back by Attribution.load."""
+    from stride_jax import Attribution
+    from stride_jax.attributor import _cv_r2
+    y = np.array([[0.0, 2.0, 4.0], [1.0, 1.0, 4.0], [0.0, 1.0, 2.0]])
+    var = y.var(axis=1)
+    info = {"estimator_q": np.array(["ridge", "lasso", "ridge"]),
+            "cv_error_ridge_q": np.array([0.5 * var[0], 9.0, 0.99 * var[2]]),
+            "cv_error_lasso_q": np.array([9.0, 0.25 * var[1], 9.0])}
+    np.testing.assert_allclose(_cv_r2(info, y), [0.5, 0.75, 0.01])
+    assert np.isnan(_cv_r2({"estimator_q": info["estimator_q"]}, y)).all()   # lam_rule fixed
+    res = _result()._replace(cv_r2_q=np.array([0.5, -0.2, 0.01]))
+    res.write(tmp_path / "a")
+    back = Attribution.load(tmp_path / "a")
+    np.testing.assert_array_equal(back.cv_r2_q, res.cv_r2_q)
+    recs = [json.loads(x) for x in (tmp_path / "a" / "topk.jsonl").read_text().splitlines()]
+    assert recs[0]["cv_r2"] == 0.5 and recs[0]["weak_signal"] is False
+    assert recs[1]["weak_signal"] is True and recs[2]["weak_signal"] is True
+    _result().write(tmp_path / "b")          # no cross-validation: nothing claimed
+    assert Attribution.load(tmp_path / "b").cv_r2_q is None
+    assert "cv_r2" not in (tmp_path / "b" / "topk.jsonl").read_text()
 
 
 def test_a_custom_measurement_needs_trained_operators(nnx_lm):

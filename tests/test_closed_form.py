@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stride_jax.attributor import AttributeConfig, Attributor
+from stride_jax.errors import ConfigError
 from stride_jax.model.config import tiny_llama
 from stride_jax.model.transformer import init_model
 from stride_jax.steering import SteeringConfig, from_causal_lm
@@ -37,7 +38,7 @@ def setup():
     return model, train, queries
 
 
-def _dense_reference(model, rows_t, rows_q, site, lam_a, lam_s, norm_power=0.0):
+def _dense_reference(model, rows_t, rows_q, site, lam_a, lam_s, norm_power=0.0, reader="layer"):
     """The closed-form scores computed the slow, explicit way: per-row operator gradients as
     dense D x C matrices by autodiff of the steered loss, the Kronecker metric formed in full,
     each training row's score divided by (g_i^T P g_i)^(norm_power / 2)."""
@@ -47,6 +48,8 @@ def _dense_reference(model, rows_t, rows_q, site, lam_a, lam_s, norm_power=0.0):
     def row_terms(rows):
         h_r, h_f = lm.features(lm.params, jnp.asarray(rows.input_ids),
                                jnp.asarray(rows.attention_mask))
+        if reader == "final":
+            h_r = h_f
         phi = h_r / jnp.sqrt(jnp.mean(h_r ** 2, -1, keepdims=True) + 1e-6)
         tgt = jnp.asarray(rows.target_ids())
         m = jnp.asarray(rows.loss_mask, jnp.float32)
@@ -61,7 +64,7 @@ def _dense_reference(model, rows_t, rows_q, site, lam_a, lam_s, norm_power=0.0):
             nll = -jnp.take_along_axis(lp, tgt[b][:, None], -1)[:, 0]
             return jnp.sum(nll * m[b]) / jnp.sum(m[b])
 
-        zero = jnp.zeros((lm.d_reader, C))
+        zero = jnp.zeros((h_r.shape[-1], C))
         G = jnp.stack([jax.grad(loss)(zero, b) for b in range(len(rows))])
         return np.asarray(phi), np.asarray(h_f), np.asarray(G, np.float64), np.asarray(m)
 
@@ -92,17 +95,19 @@ def _dense_reference(model, rows_t, rows_q, site, lam_a, lam_s, norm_power=0.0):
     return (Gq.reshape(len(Gq), -1) @ P @ Gf.T) * self_metric[None, :] ** (-norm_power / 2)
 
 
-@pytest.mark.parametrize("site,lam_a,norm_power", [
-    ("logits", None, 0.0), ("logits", 0.3, 0.0), ("final_hidden", None, 0.0),
-    ("logits", None, 0.5), ("logits", 0.3, 1.0), ("final_hidden", None, 0.5)])
-def test_scores_equal_the_dense_kronecker_formula(setup, site, lam_a, norm_power):
+@pytest.mark.parametrize("site,lam_a,norm_power,reader", [
+    ("logits", None, 0.0, "layer"), ("logits", 0.3, 0.0, "layer"),
+    ("final_hidden", None, 0.0, "layer"), ("logits", None, 0.5, "layer"),
+    ("logits", 0.3, 1.0, "layer"), ("final_hidden", None, 0.5, "layer"),
+    ("logits", None, 0.5, "final"), ("final_hidden", 0.3, 0.0, "final")])
+def test_scores_equal_the_dense_kronecker_formula(setup, site, lam_a, norm_power, reader):
     model, train, queries = setup
     cfg = AttributeConfig(steering=SteeringConfig(site=site, layer=0),
                           closed_form=ClosedFormConfig(
-                              reader_damping="none" if lam_a is None else lam_a,
+                              reader=reader, reader_damping="none" if lam_a is None else lam_a,
                               output_damping=0.2, norm_power=norm_power, batch_size=16))
     got = Attributor(model, train, cfg, progress=False).attribute(queries).scores_qn
-    ref = _dense_reference(model, train, queries, site, lam_a, 0.2, norm_power)
+    ref = _dense_reference(model, train, queries, site, lam_a, 0.2, norm_power, reader)
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
 
 
@@ -112,6 +117,15 @@ def test_auto_reader_damping_follows_the_site_width(setup):
     assert reader_damping_of(cfg, 10) == 0.1          # a classifier: whitened reader
     assert reader_damping_of(cfg, 49152) is None      # a language model: identity
     assert reader_damping_of(ClosedFormConfig(reader_damping=3.0), 49152) == 3.0
+
+
+def test_auto_reader_follows_the_site_width():
+    from stride_jax.train._closed_form import reader_of
+    assert reader_of(ClosedFormConfig(), 10) == "layer"       # a classifier: ~2/3 depth
+    assert reader_of(ClosedFormConfig(), 49152) == "final"    # a language model: final hidden
+    assert reader_of(ClosedFormConfig(reader="layer"), 49152) == "layer"
+    with pytest.raises(ConfigError, match="reader=.middle. must be"):
+        ClosedFormConfig(reader="middle")
 
 
 def test_a_query_copying_a_training_row_ranks_it_first_with_a_positive_score(setup):

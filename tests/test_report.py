@@ -316,3 +316,39 @@ def test_headless_browser_render(tmp_path):
         assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
         assert shot.stat().st_size > 5000
         assert _png_size(shot) == (w, h)
+
+
+def test_run_json_shows_the_model_stage_times_loss_curve_and_weak_queries(tmp_path):
+    """run_info.json (model identity, stage times, loss curve) and per-query held-out R^2 reach the
+    page: the model's path, parameter count and fingerprint, a row per stage, an SVG loss
+    curve, and a visible weak-signal note on the query whose fit explains little."""
+    run = make_run(tmp_path)
+    (run / "run_info.json").write_text(json.dumps({
+        "method": "stride", "operators": "trained", "site": "logits",
+        "model": {"path": "/models/<tiny>", "parameters": 123456, "fingerprint": "abc123",
+                  "reader": "layer 1"},
+        "stage_seconds": {"operators": 12.5, "responses": 3.25, "solve": 0.5},
+        "history": [{"step": s, "loss": 2.0 / (1 + s)} for s in range(0, 100, 10)]}))
+    lines = (run / "topk.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    recs[0].update(estimator="ridge", cv_r2=0.01, weak_signal=True)
+    recs[1].update(estimator="lasso", cv_r2=0.42, weak_signal=False)
+    (run / "topk.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    page = write_report(run).read_text(encoding="utf-8")
+    c = parse(page)
+    check_self_contained(c, page)
+    assert "/models/&lt;tiny&gt;" in page and "123,456" in page and "abc123" in page
+    for stage in ("operators", "responses", "solve"):
+        assert f"<td>{stage}</td>" in page
+    assert "Operator-training loss curve" in page and 'aria-label="Operator training: loss"' in page
+    q0 = page[page.index('id="q0"'):page.index('id="q1"')]
+    q1 = page[page.index('id="q1"'):page.index('id="q2"')]
+    assert "held-out R² 0.010" in q0 and "Weak signal" in q0
+    assert "held-out R² 0.420" in q1 and "Weak signal" not in q1
+    # Without run_info.json the page says what is missing instead of inventing it.
+    (run / "run_info.json").unlink()
+    assert "No run_info.json" in write_report(run).read_text(encoding="utf-8")
+    # A damaged run_info.json is one line naming the file and the fix.
+    (run / "run_info.json").write_text("{not json")
+    with pytest.raises(Exception, match="run_info.json is not valid JSON.*delete it"):
+        write_report(run)

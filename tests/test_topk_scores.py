@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
 from _tiny import random_rows
 from stride_jax.attributor import (AttributeConfig, Attribution, Attributor, DesignConfig,
                                    TopScores)
-from stride_jax.measure import MeasureConfig, Responses
+from stride_jax.measure import MeasureConfig
 from stride_jax.model.config import tiny_llama
 from stride_jax.model.transformer import init_model
 from stride_jax.solve import SolveConfig

@@ -14,8 +14,10 @@ rows, ``max_queries``) so that a large run still gives a page a phone can open.
 
 Inputs, all in ``RUN_DIR`` as written by :meth:`stride_jax.attribution.Attribution.write`:
 ``topk.jsonl`` (required), ``scores.npy``, ``ids.json``, ``attribute.yaml``, and optionally
-``tokens.json`` (per-token effects, :mod:`stride_jax.apps.tokens`) and ``selfinf.json``
-(self-influence). LDS benchmark results (``benchmarks/results/lds.json``) may be passed too.
+``tokens.json`` (per-token effects, :mod:`stride_jax.apps.tokens`), ``selfinf.json``
+(self-influence) and ``run_info.json`` (the model's identity, the method, each stage's wall
+time and the operator-training loss curve). LDS benchmark results
+(``benchmarks/results/lds.json``) may be passed too.
 
 Structure: :func:`load_run` and :func:`load_lds_results` read and validate (every error is one
 line naming the file and the fix); :func:`render_report` is a pure function of what they return;
@@ -35,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from stride_jax.attribution import IDS, SCORES, Attribution, read_ids
+from stride_jax.attribution import (IDS, SCORES, WEAK_SIGNAL_R2, Attribution, read_ids,
+                                   read_run_info)
 from stride_jax.errors import ConfigError, DataError
 
 __all__ = [
@@ -45,7 +48,9 @@ __all__ = [
     "load_lds_results",
     "load_run",
     "render_report",
+    "model_summary",
     "svg_histogram",
+    "svg_line",
     "svg_scatter_logx",
     "write_report",
 ]
@@ -82,6 +87,7 @@ class RunData:
     config_text: str | None = None
     tokens: dict[str, dict] | None = None
     selfinf: tuple[list[str], np.ndarray] | None = None
+    info: dict | None = None
 
 
 def _read_json(path: Path, fix: str) -> Any:
@@ -216,7 +222,8 @@ def load_run(run_dir: str | Path, *, max_queries: int | None = None) -> RunData:
     selfinf = _read_selfinf(run / "selfinf.json") if (run / "selfinf.json").is_file() else None
     shown = records if max_queries is None else records[:max_queries]
     return RunData(run_dir=run, records=shown, num_queries=len(records), ids=ids, scores=scores,
-                   config=config, config_text=config_text, tokens=tokens, selfinf=selfinf)
+                   config=config, config_text=config_text, tokens=tokens, selfinf=selfinf,
+                   info=read_run_info(run))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -557,6 +564,7 @@ h1{font-size:1.5rem;margin:18px 0 4px}h2{font-size:1.2rem;margin:0 0 6px}
 h3{font-size:1rem;margin:16px 0 6px}h3 small{font-weight:normal;color:var(--muted)}
 code,.id,pre,.toks{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.9em}
 .muted,.note,figcaption{color:var(--muted)}.note{font-size:.9em}
+.weak{color:inherit;border-left:4px solid rgb(var(--opp));padding-left:.5em}
 section{border-top:1px solid var(--line);padding:14px 0}
 dl.kv{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:6px 14px;
 margin:8px 0}
@@ -712,6 +720,9 @@ def _query_section(i: int, rec: Mapping, score_row: np.ndarray | None,
         meta.append(rec["estimator"].replace("_", " "))
     if _num(rec.get("lambda")) is not None:
         meta.append(f"λ {_g(rec['lambda'])}")
+    r2 = _num(rec.get("cv_r2"))
+    if r2 is not None:
+        meta.append(f"held-out R² {r2:.3f}")
     if score_row is not None:
         nz = int(np.count_nonzero(np.asarray(score_row)))
         meta.append(f"{nz:,} of {score_row.size:,} scores nonzero")
@@ -720,7 +731,11 @@ def _query_section(i: int, rec: Mapping, score_row: np.ndarray | None,
              if text is not None else '<p class="note">(query text not stored)</p>')
     parts = [f'<section class="query" id="q{i}"><h2>Query {i + 1}: <code>{_esc(rec["query_id"])}'
              f'</code></h2>',
-             f'<p class="muted">{" · ".join(meta)}</p>' if meta else "", qtext,
+             f'<p class="muted">{" · ".join(meta)}</p>' if meta else "",
+             (f'<p class="note weak">Weak signal: the fit explains {r2:.1%} of the held-out '
+              f'responses (below {WEAK_SIGNAL_R2:.0%}); these scores are mostly the solver\'s '
+              f'prior, do not act on them alone.</p>'
+              if r2 is not None and r2 < WEAK_SIGNAL_R2 else ""), qtext,
              "<h3>Top proponents <small>training on them lowers this query's loss</small></h3>",
              _examples_table(rec.get("proponents", []), selfinf),
              "<h3>Top opponents <small>training on them raises it</small></h3>",
@@ -732,6 +747,91 @@ def _query_section(i: int, rec: Mapping, score_row: np.ndarray | None,
     elif has_tokens_file:
         parts.append('<p class="note">No per-token effects for this query in tokens.json.</p>')
     parts.append("</section>")
+    return "".join(parts)
+
+
+def model_summary(info: Mapping | None) -> list[tuple[str, str]]:
+    """The model's identity from ``run_info.json`` as ``(label, value)``: path, parameter count,
+    fingerprint, what the operators read."""
+    if info is None:
+        return []
+    m = info.get("model") if isinstance(info.get("model"), Mapping) else {}
+    params = _num(m.get("parameters"))
+    items = [("model", m.get("path") or "(in memory: no path)"),
+             ("parameters", f"{int(params):,}" if params is not None else None),
+             ("fingerprint", m.get("fingerprint")), ("reader", m.get("reader"))]
+    return [(k, str(v)) for k, v in items if v is not None]
+
+
+def svg_line(ys: Sequence[float], xs: Sequence[float], *, title: str, xlabel: str,
+             ylabel: str, width: int = 480, height: int = 220) -> str:
+    """A line plot as inline SVG (the operator-training loss curve)."""
+    pts = [(float(x), float(y)) for x, y in zip(xs, ys)
+           if math.isfinite(float(x)) and math.isfinite(float(y))]
+    if len(pts) < 2:
+        return ""
+    L, R, T, B = 56, 12, 24, 36
+    pw, ph = width - L - R, height - T - B
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-12)
+
+    def X(v: float) -> float:
+        return L + (v - x0) / (x1 - x0) * pw
+
+    def Y(v: float) -> float:
+        return T + (1 - (v - y0) / (y1 - y0)) * ph
+
+    path = " ".join(f"{'M' if i == 0 else 'L'}{X(x):.1f},{Y(y):.1f}" for i, (x, y) in
+                    enumerate(pts))
+    ticks = "".join(f'<text x="{L - 4}" y="{Y(t) + 4:.1f}" text-anchor="end" class="tick">'
+                    f"{_esc(_tick_label(t))}</text>" for t in _nice_ticks(y0, y1, 4)
+                    if y0 <= t <= y1)
+    xt = "".join(f'<text x="{X(t):.1f}" y="{T + ph + 14}" text-anchor="middle" class="tick">'
+                 f"{_esc(_tick_label(t))}</text>" for t in _nice_ticks(x0, x1, 5)
+                 if x0 <= t <= x1)
+    return (f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" '
+            f'aria-label="{_esc(title)}"><title>{_esc(title)}</title>'
+            f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#ccc"/>'
+            f'<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>{ticks}{xt}'
+            f'<text x="{L + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">{_esc(xlabel)}'
+            f'</text><text x="12" y="{T + ph / 2:.0f}" transform="rotate(-90 12 '
+            f'{T + ph / 2:.0f})" text-anchor="middle">{_esc(ylabel)}</text>'
+            f'<text x="{L}" y="14">{_esc(title)}</text></svg>')
+
+
+def _stages_section(info: Mapping | None) -> str:
+    """Each stage's wall time and, for trained operators, the training loss curve."""
+    if info is None:
+        return ('<p class="note">No run_info.json in the run directory: no model identity, '
+                'stage times or loss curve (runs written before it existed).</p>')
+    parts = []
+    secs = info.get("stage_seconds")
+    if isinstance(secs, Mapping) and secs:
+        rows = "".join(f'<tr><td>{_esc(k)}</td><td class="num">{_g(_num(v), ".3g")} s</td></tr>'
+                       for k, v in secs.items())
+        parts.append('<h3>Wall time per stage <small>a reused stage shows the time to load it'
+                     f'</small></h3><div class="tw"><table><tbody>{rows}</tbody></table></div>')
+    hist = info.get("history")
+    if isinstance(hist, list) and hist:
+        pts = [h for h in hist if isinstance(h, Mapping)]
+        key = next((k for k in ("loss", "total", "fidelity") if pts and k in pts[0]), None)
+        if key is not None:
+            xs = [_num(h.get("step", i)) or 0.0 for i, h in enumerate(pts)]
+            ys = [_num(h.get(key)) for h in pts]
+            svg = svg_line([y if y is not None else float("nan") for y in ys], xs,
+                           title=f"Operator training: {key}", xlabel="step", ylabel=key)
+            if svg:
+                parts.append(f"<h3>Operator-training loss curve</h3>{svg}")
+            else:
+                last = pts[-1]
+                parts.append(f'<p class="muted">Operator-training {_esc(key)}: '
+                             f'{_g(_num(last.get(key)), ".4g")} at step '
+                             f'{_esc(last.get("step", "?"))} (too few logged points for a curve; '
+                             f'lower train.log_every for more).</p>')
+    elif info.get("operators") == "closed_form":
+        parts.append('<p class="muted">Closed-form operators: nothing is trained, so there is '
+                     'no loss curve.</p>')
     return "".join(parts)
 
 
@@ -760,8 +860,10 @@ def config_summary(config: Mapping | None, n: int | None) -> list[tuple[str, str
     if _dig(config, "operators") == "closed_form":
         items = [("method", "stride"), ("operators", "closed form"),
                  ("site", _dig(config, "steering", "site")),
+                 ("reader", _dig(config, "closed_form", "reader")),
                  ("output damping", _dig(config, "closed_form", "output_damping")),
                  ("reader damping", _dig(config, "closed_form", "reader_damping")),
+                 ("norm power", _dig(config, "closed_form", "norm_power")),
                  ("seed", _dig(config, "seed")), ("top-k", _dig(config, "topk"))]
         return [(k, "–" if v is None else str(v)) for k, v in items]
     K = _dig(config, "design", "num_subsets")
@@ -889,6 +991,7 @@ def render_report(run: RunData, *, lds: tuple[dict[str, list[LdsPoint]], dict[st
 
     summary = [("training examples", f"{n:,}" if n is not None else "–"),
                ("queries", f"{run.num_queries:,}")]
+    summary += model_summary(run.info)
     summary += config_summary(run.config, n)
     shown = len(run.records)
     head = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -904,6 +1007,7 @@ def render_report(run: RunData, *, lds: tuple[dict[str, list[LdsPoint]], dict[st
         head.append(_scores_figure(run.scores))
     else:
         head.append('<p class="note">No scores.npy in the run directory: no score histogram.</p>')
+    head.append(_stages_section(run.info))
     if run.config_text is not None:
         head.append(f"<details><summary>attribute.yaml</summary><pre class=\"full\">"
                     f"{_esc(run.config_text)}</pre></details>")

@@ -213,9 +213,10 @@ def scores_dense(cfg, *, num_queries: int, n: int) -> bool:
 def closed_form_dims(cfg, s: Shapes) -> tuple[int, int, int, bool]:
     """``(D, C, k, full)`` of closed-form operators: reader width, site width, the output side's
     width after projection, and whether the site Fisher is kept in full."""
+    from stride_jax.train._closed_form import reader_of
     C = s.vocab if cfg.steering.site == "logits" else s.d_final
-    D = s.d_reader
     cf = cfg.closed_form
+    D = s.d_final if reader_of(cf, C) == "final" else s.d_reader
     k = C if D * C <= cf.max_dim else max(1, cf.max_dim // D)
     return D, C, k, C <= cf.full_metric_limit or cfg.steering.site != "logits"
 

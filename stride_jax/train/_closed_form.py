@@ -58,6 +58,14 @@ On the digits classifier, where most rows are fitted (median norm 0.6 % of the R
 changed LDS by less than 0.005 (``closed_form_sweep.json``). ``p = 1`` (cosine) lets the
 direction of nearly-zero gradients decide and falls back to 0.51 on digits.
 
+**The reader** (``reader``). The operators read the residual stream at the steering layer
+(~2/3 depth) or the final hidden state, the head's input (``phi`` is then the final hidden
+state, RMS-normed, and the operator gradient at the logits site is the gradient of the output
+matrix). ``auto`` reads the final hidden state for sites of more than 64 outputs: on the
+fine-tuned language model it raised LDS from 0.583 to 0.603 (paired +0.020, CI +0.011..+0.028),
+on the pretrained one it changed it by -0.002 (CI -0.008..+0.004), and on the digits classifier
+it lowered it from 0.632 to 0.596, hence the ~2/3-depth layer below 64 outputs.
+
 **Large output spaces.** ``S`` is ``C x C``: up to ``full_metric_limit`` it is the exact
 Fisher, beyond it its diagonal (``p_bar - E[p^2]`` at the logits). The per-example gradient is
 ``D x C``; beyond ``max_dim`` numbers its output side is projected after whitening by a fixed
@@ -86,13 +94,18 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ClosedFormConfig", "OperatorFactors", "closed_form_scores", "compute_dtype",
            "fit_factors", "operator_gradients", "query_losses", "query_terms",
-           "reader_damping_of", "self_scores", "site_width", "token_scores"]
+           "reader_damping_of", "reader_lm", "reader_of", "self_scores", "site_width",
+           "token_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ClosedFormConfig:
     """STRIDE operators fitted in closed form (see :mod:`stride_jax.train._closed_form`)."""
 
+    reader: Literal["auto", "layer", "final"] = option(
+        "auto", "what the operators read: 'layer', the residual stream at the steering layer "
+                "(~2/3 depth); 'final', the final hidden state the head reads; 'auto': 'final' "
+                "when the site has more than 64 outputs (language models), 'layer' otherwise")
     reader_damping: float | str = option(
         "auto", "damping of the reader-side factor A as a multiple of its mean eigenvalue; "
                 "'none': no reader-side whitening (identity); 'auto': 'none' when the site has "
@@ -128,9 +141,12 @@ class ClosedFormConfig:
         if (rd not in ("auto", "none") if isinstance(rd, str) else
                 isinstance(rd, bool) or not (np.isfinite(rd) and rd > 0)):
             extra.append(("reader_damping", rd, "must be 'auto', 'none' or a positive number"))
+        if self.reader not in ("auto", "layer", "final"):
+            extra.append(("reader", self.reader, "must be 'auto', 'layer' or 'final'"))
         if self.dtype not in ("model", "bfloat16", "auto"):
             extra.append(("dtype", self.dtype, "must be 'model', 'bfloat16' or 'auto'"))
-        check_ranges(self, {"output_damping": "> 0", "norm_power": ">= 0", "full_metric_limit": ">= 1",
+        check_ranges(self, {"output_damping": "> 0", "norm_power": ">= 0",
+                            "full_metric_limit": ">= 1",
                             "max_dim": ">= 1", "batch_size": ">= 1", "checkpoint_rows": ">= 1"},
                      extra=extra)
 
@@ -287,6 +303,41 @@ def _damped(e: np.ndarray, frac: float) -> np.ndarray:
     mean = float(e.mean()) if e.size else 0.0
     lam = frac * mean if mean > 0 else frac
     return 1.0 / (e + lam)
+
+
+def reader_of(cfg: ClosedFormConfig, width: int) -> str:
+    """The reader (``"layer"`` or ``"final"``) this config gives a site of ``width`` outputs."""
+    if cfg.reader == "auto":
+        return "final" if width > 64 else "layer"
+    return cfg.reader
+
+
+# The final-hidden-state readers made so far, one per model function, so kernels keyed by the
+# function compile once per model however many Attributors use it.
+_FINAL_READERS: dict = {}
+
+
+def _final_features(features: Callable) -> Callable:
+    if features not in _FINAL_READERS:
+        def final(params, input_ids, attention_mask):
+            _, h_final = features(params, input_ids, attention_mask)
+            return h_final, h_final
+        _FINAL_READERS[features] = final
+    return _FINAL_READERS[features]
+
+
+def reader_lm(lm: LMFunctions, cfg: ClosedFormConfig, site: str) -> LMFunctions:
+    """``lm`` as the closed form reads it: unchanged for the ``layer`` reader; for ``final``,
+    the final hidden state as the reader (``d_reader = d_final``, stamped as layer
+    ``num_layers``)."""
+    if reader_of(cfg, site_width(lm, site)) == "layer":
+        return lm
+    features_as = lm.features_as
+    if features_as is not None:
+        base_as = features_as
+        features_as = lambda dtype: _final_features(base_as(dtype))  # noqa: E731
+    return dataclasses.replace(lm, features=_final_features(lm.features), features_as=features_as,
+                               d_reader=lm.d_final, layer=lm.num_layers)
 
 
 def reader_damping_of(cfg: ClosedFormConfig, width: int) -> float | None:
