@@ -218,8 +218,11 @@ def main() -> None:
                                       if k != "seconds_per_chunk"},
                  "overrides": overrides, "rows": []}
         methods = args.methods.split(",")
-        kept = [r for r in results["tasks"].get(tname, {}).get("rows", [])
-                if r["method"] not in methods]
+        before = results["tasks"].get(tname, {})
+        kept = [r for r in before.get("rows", []) if r["method"] not in methods]
+        if "counterfactual" in before and "stride" not in methods:
+            # Not recomputed this time (it needs STRIDE's scores): keep the earlier one.
+            entry["counterfactual"] = before["counterfactual"]
         results["tasks"][tname] = entry
         entry["rows"] = kept
         scores = {}
