@@ -3,8 +3,6 @@ events (``jax.monitoring``), with nothing added to the production code."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 
 import jax
 import numpy as np
@@ -14,26 +12,8 @@ from stride_jax.model.config import tiny_llama
 from stride_jax.model.transformer import init_model
 from stride_jax.steering import from_causal_lm
 from stride_jax.train import ClosedFormConfig, fit_factors
+from _jaxtrace import traces
 from _tiny import random_rows
-
-TRACE = "/jax/core/compile/jaxpr_trace_duration"
-
-
-@contextlib.contextmanager
-def traces():
-    """Counts of jit traces by function name while the block runs."""
-    counts: collections.Counter = collections.Counter()
-
-    def listen(event, duration, **kw):
-        if event == TRACE:
-            counts[kw.get("fun_name", "?")] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield counts
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-
 
 def _model(seed):
     # An architecture of its own (the kernels are cached per architecture, so none is warm).

@@ -52,7 +52,6 @@ default tol = 1e-5 (scikit-learn's default is 1e-4); ask for less only with x64 
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import math
@@ -76,10 +75,6 @@ from stride_jax.subsets import Design
 __all__ = ["LassoResult", "fista"]
 
 log = logging.getLogger(__name__)
-
-# Counts how often each jitted kernel is traced (= compiled); a test checks a second call with the
-# same shapes adds nothing.
-TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 _MIN_WORKING_SET = 64
 # Inner problems are solved to this fraction of the outer target, so that once the working set is
@@ -135,14 +130,12 @@ def _gap_terms(rr, yr, l1, gmax, lam):
 
 @functools.partial(jax.jit, static_argnames=("fit_intercept",))
 def _residual(ops: SparseOps, y_kq, w_nq, *, fit_intercept: bool):
-    TRACE_COUNTS["residual"] += 1
     return y_kq - ops.matvec_c(w_nq, fit_intercept)
 
 
 @jax.jit
 def _kkt(ops: SparseOps, y_kq, lam_q, w_nq, r_kq):
     """(g_nq, gap_q, primal_q, nnz_q) at w with residual r (centred if intercept)."""
-    TRACE_COUNTS["kkt"] += 1
     g = ops.rmatvec(r_kq)
     gap, primal = _gap_terms(jnp.sum(r_kq * r_kq, 0), jnp.sum(y_kq * r_kq, 0),
                              jnp.sum(jnp.abs(w_nq), 0), jnp.max(jnp.abs(g), 0), lam_q)
@@ -161,7 +154,6 @@ def _select(g_nq, w_nq, lam_q, *, p: int):
     ``_SELECT_BLOCK`` examples with the largest block maxima, so take those blocks first
     (a reduction along n), then top-p among their p * 128 entries.
     """
-    TRACE_COUNTS["select"] += 1
     n, Q = g_nq.shape
     B = _SELECT_BLOCK
     nb = -(-n // B)
@@ -250,7 +242,6 @@ def _subsolve(ops: SparseOps, y_kq, lam_q, w_nq, r_kq, ws_qp, done_q, tol_abs_q,
 
     Queries marked done keep (w, r) as given.
     """
-    TRACE_COUNTS["subsolve"] += 1
     K = ops.num_subsets
     n, Q = w_nq.shape
     dtype = w_nq.dtype
@@ -321,7 +312,6 @@ def _subsolve(ops: SparseOps, y_kq, lam_q, w_nq, r_kq, ws_qp, done_q, tol_abs_q,
 def _full_fista(ops: SparseOps, y_kq, lam_q, w_nq, done_q, L, tol_abs_q, budget_q, *,
                 fit_intercept: bool, check_every: int):
     """Plain FISTA over all n examples (two sparse products per step); returns (w, r, iters)."""
-    TRACE_COUNTS["full_fista"] += 1
     step = 1.0 / L
     thresh = lam_q[None, :] / L
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.solve._fista import TRACE_COUNTS, LassoResult, _Chunk, _kkt, _residual, run_chunked
+from stride_jax.solve._fista import LassoResult, _Chunk, _kkt, _residual, run_chunked
 from stride_jax.solve._ops import SparseOps, lipschitz
 from stride_jax.subsets import Design
 
@@ -60,7 +60,6 @@ def _runner(fit_intercept: bool, max_iter: int, tol: float):
 
     @jax.jit
     def run(ops: SparseOps, y_kq, lam_q, w_nq, inv_L):
-        TRACE_COUNTS["jaxopt"] += 1
         w_qn, iters, err = jax.vmap(run_one, in_axes=(1, 1, 0, None, None))(
             w_nq, y_kq, lam_q, ops, inv_L)
         return w_qn.T, iters, err

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stride_jax.parallel import place_queries, query_devices
-from stride_jax.solve._fista import TRACE_COUNTS, LassoResult, compute_dtype, fista
+from stride_jax.solve._fista import LassoResult, compute_dtype, fista
 from stride_jax.solve._jaxopt import jaxopt_lasso
 from stride_jax.solve._ops import SparseOps, prepare_targets, sparse_ops
 from stride_jax.subsets import Design
@@ -63,7 +63,6 @@ def _solver_fn(solver: str):
 
 @jax.jit
 def _abs_max_corr(ops: SparseOps, y_kq):
-    TRACE_COUNTS["lambda_max"] += 1
     return jnp.max(jnp.abs(ops.rmatvec(y_kq)), axis=0)
 
 
@@ -160,7 +159,6 @@ def lasso_path(
 
 @jax.jit
 def _predict(ops: SparseOps, w_nq):
-    TRACE_COUNTS["predict"] += 1
     return ops.matvec(w_nq)
 
 
