@@ -462,15 +462,16 @@ class Attributor:
         return base
 
     @functools.cached_property
-    def _cf_lm(self) -> LMFunctions:
-        """The model as the closed form reads it (``closed_form.reader``)."""
-        lm = reader_lm(self.lm, self.config.closed_form, self.config.steering.site)
-        if lm is not self.lm and self.config.steering.layer is not None:
+    def _reads_final(self) -> bool:
+        """Whether the closed form reads the final hidden state (``closed_form.reader``)."""
+        c = self.config
+        final = reader_lm(self.lm, c.closed_form, c.steering.site) is not self.lm
+        if final and self.config.steering.layer is not None:
             log.warning("steering.layer=%s has no effect: closed_form.reader=%s reads the final "
                         "hidden state; set closed_form.reader=layer to read layer %s",
                         self.config.steering.layer, self.config.closed_form.reader,
                         self.config.steering.layer)
-        return lm
+        return final
 
     @functools.cached_property
     def _train_fingerprint(self) -> str:
@@ -569,6 +570,7 @@ class Attributor:
         return self._ops
 
     def _fit_factors(self) -> OperatorFactors:
+        _ = self._reads_final  # says now, not at write time, when steering.layer has no effect
         directory = self._stage_dir("operators")
         payload = self._stamp("operators")
         if directory is not None and open_stage(directory, "operators", payload,
@@ -576,7 +578,7 @@ class Attributor:
             log.info("reusing operators (closed form) in %s", directory)
             self._ops = OperatorFactors.load(directory / "factors.npz")
             return self._ops
-        self._ops = fit_factors(self._cf_lm, self.train, self.config.steering.site,
+        self._ops = fit_factors(self.lm, self.train, self.config.steering.site,
                                 self.config.closed_form, key=jax.random.fold_in(self.root, 1),
                                 mesh=self.mesh, progress=self.progress,
                                 resume_path=None if directory is None
@@ -608,7 +610,7 @@ class Attributor:
             raise DataError(f"query {bad!r} has no scored token (empty completion?); give it a "
                             f"non-empty text/completion")
         cf = self.config.closed_form
-        g, base = query_terms(self._cf_lm, queries, factors, cf, mesh=self.mesh)
+        g, base = query_terms(self.lm, queries, factors, cf, mesh=self.mesh)
         bad = ~np.isfinite(g)
         if bad.any():
             q = int(np.nonzero(bad)[0][0])
@@ -645,10 +647,10 @@ class Attributor:
             resume = None if directory is None else directory / "partial.npz"
             cf = self.config.closed_form
             if dense:
-                w = closed_form_scores(self._cf_lm, self.train, factors, g, cf, mesh=self.mesh,
+                w = closed_form_scores(self.lm, self.train, factors, g, cf, mesh=self.mesh,
                                        progress=self.progress, resume_path=resume)["s"]
             else:
-                acc = closed_form_scores(self._cf_lm, self.train, factors, g, cf, mesh=self.mesh,
+                acc = closed_form_scores(self.lm, self.train, factors, g, cf, mesh=self.mesh,
                                          progress=self.progress, resume_path=resume, topk=k)
                 top = TopScores(**acc)
             bad = ~np.isfinite(w if dense else np.concatenate([top.pro_score, top.opp_score]))
@@ -831,7 +833,7 @@ class Attributor:
                                                     overwrite=self.overwrite):
                 self._selfinf[num_outside] = np.load(directory / "score.npy", allow_pickle=False)
                 return self._selfinf[num_outside]
-            score = self_scores(self._cf_lm, self.train, ops, self.config.closed_form,
+            score = self_scores(self.lm, self.train, ops, self.config.closed_form,
                                 mesh=self.mesh, progress=self.progress)
             if directory is not None:
                 save_npy(directory / "score.npy", score)
@@ -891,9 +893,9 @@ class Attributor:
         for q, qid in enumerate(queries.ids):
             one = queries.subset([q])
             idx = [i for i, _ in listed[q]]
-            g_i = (operator_gradients(self._cf_lm, self.train.subset(idx), factors, cf)
+            g_i = (operator_gradients(self.lm, self.train.subset(idx), factors, cf)
                    if idx else np.zeros((0, factors.dim), np.float32))
-            eff = token_scores(self._cf_lm, one, factors, g_i, cf)[0]   # [T, m]
+            eff = token_scores(self.lm, one, factors, g_i, cf)[0]   # [T, m]
             tpos = np.flatnonzero(one.loss_mask[0] > 0)
             out.append({
                 "query_id": str(qid),
@@ -928,16 +930,12 @@ class Attributor:
         path when given, parameter count, fingerprint, reader layer and sizes), the method and
         operators, each stage's wall seconds and the operator-training loss curve (trained
         operators; empty for closed form, which trains nothing)."""
-        lm = self._cf_lm if self.closed_form else self.lm
         params = int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.lm.params)))
+        final = self.closed_form and self._reads_final
         model = {"path": None if model_path is None else str(model_path),
                  "parameters": params, "fingerprint": self.lm.fingerprint,
-                 "num_layers": self.lm.num_layers, "vocab_size": self.lm.vocab_size}
-        if self.closed_form:
-            model["reader"] = ("final hidden state" if lm is not self.lm
-                               else f"layer {self.lm.layer}")
-        else:
-            model["reader"] = f"layer {self.lm.layer}"
+                 "num_layers": self.lm.num_layers, "vocab_size": self.lm.vocab_size,
+                 "reader": "final hidden state" if final else f"layer {self.lm.layer}"}
         return {"method": "stride", "operators": self.config.operators,
                 "site": self.config.steering.site, "model": model,
                 "training_rows": len(self.train),

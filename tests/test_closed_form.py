@@ -311,3 +311,24 @@ def test_residual_site_needs_trained_operators(setup):
     cfg = AttributeConfig(steering=SteeringConfig(site="residual"))
     with pytest.raises(ValueError, match="operators=trained"):
         Attributor(model, train, cfg, progress=False).attribute(queries)
+
+
+def test_the_public_functions_honour_the_reader(setup):
+    """closed_form.reader holds when the module's functions are called directly, as it does
+    through the Attributor (reader_lm is applied inside them, and applying it twice is a no-op)."""
+    from stride_jax.train import closed_form_scores, query_terms, reader_lm
+    model, train, queries = setup
+    lm = from_causal_lm(model, 0)
+    scores = {}
+    for reader in ("final", "layer"):
+        cfg = ClosedFormConfig(reader=reader, batch_size=16)
+        f = fit_factors(lm, train, "logits", cfg, key=jax.random.key(0))
+        g, _ = query_terms(lm, queries, f, cfg)
+        scores[reader] = closed_form_scores(lm, train, f, g, cfg)["s"]
+        via = Attributor(model, train, AttributeConfig(steering=SteeringConfig(layer=0),
+                                                       closed_form=cfg),
+                         progress=False).attribute(queries).scores_qn
+        np.testing.assert_allclose(scores[reader], via, rtol=1e-5, atol=1e-6 * np.abs(via).max())
+    assert not np.allclose(scores["final"], scores["layer"])
+    once = reader_lm(lm, ClosedFormConfig(reader="final"), "logits")
+    assert reader_lm(once, ClosedFormConfig(reader="final"), "logits") is once

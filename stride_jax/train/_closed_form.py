@@ -329,9 +329,10 @@ def _final_features(features: Callable) -> Callable:
 def reader_lm(lm: LMFunctions, cfg: ClosedFormConfig, site: str) -> LMFunctions:
     """``lm`` as the closed form reads it: unchanged for the ``layer`` reader; for ``final``,
     the final hidden state as the reader (``d_reader = d_final``, stamped as layer
-    ``num_layers``)."""
-    if reader_of(cfg, site_width(lm, site)) == "layer":
-        return lm
+    ``num_layers``). Every public function of this module applies it, so ``cfg.reader`` holds
+    however they are called; applying it twice changes nothing."""
+    if reader_of(cfg, site_width(lm, site)) == "layer" or lm.features in _FINAL_READERS.values():
+        return lm       # the layer reader, or already the final-hidden-state reader
     features_as = lm.features_as
     if features_as is not None:
         base_as = features_as
@@ -362,6 +363,7 @@ def fit_factors(lm: LMFunctions, data: TokenizedSet, site: str, cfg: ClosedFormC
 
     The sums stay on the device between batches (no host round trip per batch) and are folded
     into float64 host sums every few dozen batches and at every progress mark."""
+    lm = reader_lm(lm, cfg, site)
     C = site_width(lm, site)
     D = lm.d_reader
     full = C <= cfg.full_metric_limit
@@ -520,6 +522,7 @@ def _gradient_pass(lm: LMFunctions, rows: TokenizedSet, factors: OperatorFactors
                    desc: str = "query gradients") -> tuple[np.ndarray, np.ndarray]:
     """``[rows, D k]`` whitened gradients and ``[rows]`` mean losses, by the score pass's own
     program (zero queries of the score pass's shape: ``num_queries``)."""
+    lm = reader_lm(lm, cfg, factors.site)
     fn = _rows_fn(lm, factors.site, compute_dtype(cfg), cfg.norm_power)
     t_phi, t_out = _device_transforms(factors)
     g0 = _placed(jnp.zeros((num_queries, factors.dim), jnp.float32), mesh)
@@ -602,6 +605,7 @@ def closed_form_scores(lm: LMFunctions, train: TokenizedSet, factors: OperatorFa
     Nothing waits for the device between batches: scores stay there until a progress mark
     (``cfg.checkpoint_rows``), a few dozen batches, or the end.
     """
+    lm = reader_lm(lm, cfg, factors.site)
     fn = _rows_fn(lm, factors.site, compute_dtype(cfg), cfg.norm_power)
     t_phi, t_out = _device_transforms(factors)
     Q = gq.shape[0]
@@ -686,6 +690,7 @@ def self_scores(lm: LMFunctions, rows: TokenizedSet, factors: OperatorFactors,
                 cfg: ClosedFormConfig, *, mesh=None, progress: bool = False) -> np.ndarray:
     """``[rows]`` each row's ``|g~_i|^2`` (its closed-form self-influence), streamed: never the
     ``[rows, D k]`` gradients at once."""
+    lm = reader_lm(lm, cfg, factors.site)
     def build():
         rows_fn = _rows_fn(lm, factors.site, compute_dtype(cfg), cfg.norm_power)
 
@@ -714,6 +719,7 @@ def token_scores(lm: LMFunctions, queries: TokenizedSet, factors: OperatorFactor
     gradients ``g_train [m, D k]``): ``scores[q, i] = sum_t out[q, t, i]`` exactly, the term of
     each scored query token in ``<g~_q, g~_i> / |g~_i|^p``."""
     cfg = cfg or ClosedFormConfig()
+    lm = reader_lm(lm, cfg, factors.site)
     fn = _grad_fn(lm, factors.site, True, compute_dtype(cfg))
     t_phi, t_out = _device_transforms(factors)
     D, k = factors.t_phi.shape[1], factors.t_out.shape[1]
